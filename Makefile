@@ -1,0 +1,40 @@
+# Set-up and everyday commands. `make farm` and `make test` work on a fresh machine: they create
+# (or reuse) the virtual environment in .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first and on its own: the CPU build here, a CUDA build on GPU nodes
+# (override, e.g. `make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'`).
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: farm test test-all venv sysdeps clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+# System tools the tests use as a user would meet them (ffprobe to check the MP4s).
+sysdeps:
+	@command -v ffprobe >/dev/null || { \
+	  echo "installing ffmpeg (for ffprobe) with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; }
+
+# The farm's main job on the embedded default: render the bundled sample image with the
+# tiny-random model and print where the MP4 is.
+farm: venv
+	$(BIN)/i2v-farm generate --sample --preset standard
+
+# The default test run (fast; `make test-all` adds the slow ones).
+test: venv sysdeps
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: venv sysdeps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

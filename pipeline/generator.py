@@ -1,0 +1,315 @@
+"""The I2VGen-XL generation loop, written out so the farm can watch and stop it.
+
+It computes what diffusers' `I2VGenXLPipeline.__call__` computes, on the same components, and
+reads top to bottom as the model's algorithm:
+
+1. condition on text: CLIP text tower, **penultimate layer** + final layer norm (the model was
+   trained on OpenCLIP's penultimate features; diffusers' own `clip_skip=1` path for this crashes
+   with transformers 5, whose `CLIPTextModel` has no `.text_model`, so we do it here);
+2. condition on the image: CLIP image embedding of a centre crop, and VAE latents of the image
+   plus a per-frame position ramp;
+3. denoise: classifier-free guidance batched into one UNet call per step, with the fps
+   micro-condition; progress reported and cancellation honoured between steps;
+4. decode the latents with the VAE, `decode_chunk_size` frames at a time.
+
+Differences from the stock pipeline, on purpose: each job gets a fresh scheduler instance (the
+stock one mutates shared state), the VAE's posterior sample is seeded from the job's seed (the
+stock pipeline draws it from the global RNG, so the same seed could give different videos), and
+the initial noise always comes from a CPU generator (same seed, same video on CPU and GPU).
+"""
+
+from __future__ import annotations
+
+import resource
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import PIL.Image
+
+from .errors import GenerationCanceled, OutOfMemory
+from .loading import LoadedModel
+from .request import GenerationParams, output_size
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """Memory/speed settings of a worker (fixed per replica, not per request)."""
+
+    decode_chunk_size: int = 1  # frames decoded by the VAE at once: more is faster, needs more memory
+    vae_slicing: bool = True  # encode/decode batch items one at a time
+    attention: str = "sdpa"  # "sdpa" (torch scaled_dot_product_attention) or "xformers"
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # (num_frames, height, width, 3) uint8
+    width: int
+    height: int
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)  # conditioning, denoise, decode (seconds)
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""  # "cuda_max_allocated" or "process_peak_rss"
+
+
+def _schedulers() -> dict[str, Any]:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    return {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+
+
+def center_crop_wide(image: PIL.Image.Image, size: tuple[int, int]) -> PIL.Image.Image:
+    """Scale so the image covers `size` (box filter), then crop the centre (as the stock pipeline)."""
+    width, height = size
+    scale = min(image.width / width, image.height / height)
+    image = image.resize((round(image.width // scale), round(image.height // scale)), resample=PIL.Image.BOX)
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+class Generator:
+    """Runs jobs on one loaded model, one at a time."""
+
+    def __init__(self, model: LoadedModel, options: MemoryOptions | None = None):
+        self.model = model
+        self.pipe = model.pipe
+        self.options = options or MemoryOptions()
+        self._lock = threading.Lock()
+        if self.options.attention == "xformers":
+            self.pipe.enable_xformers_memory_efficient_attention()
+        elif self.options.attention == "sdpa":
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            self.pipe.unet.set_attn_processor(AttnProcessor2_0())
+        else:
+            raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.options.attention!r}")
+        if self.options.vae_slicing:
+            self.pipe.vae.enable_slicing()
+
+    @property
+    def device(self):
+        return self.pipe._execution_device
+
+    def generate(
+        self,
+        image: PIL.Image.Image,
+        params: GenerationParams,
+        *,
+        size: tuple[int, int] | None = None,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> GenerationResult:
+        """Render `params` for `image`. `size` overrides the resolution preset's (width, height).
+
+        `progress(step, total)` is called after each denoising step; `cancel()` is polled before
+        each step and each decode chunk, and a True answer raises `GenerationCanceled`.
+        Out-of-memory on the accelerator raises `OutOfMemory`.
+        """
+        import torch
+
+        params = params.with_seed()
+        width, height = size or output_size(params.resolution, image.width, image.height)
+        with self._lock, torch.inference_mode():
+            self._reset_peak_memory()
+            try:
+                result = self._run(image, params, width, height, progress, cancel)
+            except torch.OutOfMemoryError as exc:
+                del exc
+                self._free_memory()
+                raise OutOfMemory(
+                    f"out of GPU memory at {width}x{height} x {params.num_frames} frames; "
+                    "use a lower resolution or fewer frames, or a GPU with more memory"
+                ) from None
+            result.peak_memory_bytes, result.peak_memory_kind = self._peak_memory()
+            return result
+
+    # -- the algorithm -------------------------------------------------------------------------
+
+    def _run(self, image, params: GenerationParams, width, height, progress, cancel) -> GenerationResult:
+        import torch
+
+        pipe, device = self.pipe, self.device
+        guidance = params.guidance_scale > 1.0
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+
+        # 1. text conditioning (negative first, as the UNet batch is [uncond, cond])
+        prompt_embeds = self.encode_text(params.prompt)
+        if guidance:
+            negative_embeds = self.encode_text(params.negative_prompt, max_length=prompt_embeds.shape[1])
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+
+        # 2. image conditioning: CLIP embedding of a square centre crop, VAE latents of the frame
+        image_embeds = self.encode_image_clip(center_crop_wide(image, (width, width)))
+        if guidance:
+            image_embeds = torch.cat([torch.zeros_like(image_embeds), image_embeds])
+        pixels = pipe.video_processor.preprocess(center_crop_wide(image, (width, height)))
+        pixels = pixels.to(device=device, dtype=image_embeds.dtype)
+        image_latents = self.encode_image_latents(pixels, params.num_frames, params.seed)
+        if guidance:
+            image_latents = torch.cat([image_latents] * 2)
+        fps = torch.tensor([params.target_fps] * (2 if guidance else 1), device=device)
+        timings["conditioning"] = time.perf_counter() - started
+
+        # 3. denoising loop
+        scheduler = _schedulers()[params.scheduler].from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(params.num_inference_steps, device=device)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        shape = (1, pipe.unet.config.in_channels, params.num_frames,
+                 height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        latents = torch.randn(shape, generator=generator, dtype=prompt_embeds.dtype).to(device)
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(scheduler, generator)
+
+        started = time.perf_counter()
+        total = len(scheduler.timesteps)
+        for i, t in enumerate(scheduler.timesteps):
+            self._check_cancel(cancel)
+            model_input = torch.cat([latents] * 2) if guidance else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise_pred = pipe.unet(
+                model_input,
+                t,
+                encoder_hidden_states=prompt_embeds,
+                fps=fps,
+                image_latents=image_latents,
+                image_embeddings=image_embeds,
+                return_dict=False,
+            )[0]
+            if guidance:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + params.guidance_scale * (cond - uncond)
+            # the scheduler steps frames as a batch of images
+            b, c, f, h, w = latents.shape
+            latents = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+            noise_pred = noise_pred.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            latents = latents[None, :].reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+            if progress is not None:
+                progress(i + 1, total)
+        self._synchronize()
+        timings["denoise"] = time.perf_counter() - started
+
+        # 4. decode
+        started = time.perf_counter()
+        video = self.decode(latents, cancel)
+        frames = pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+        frames = (frames * 255).round().astype(np.uint8)
+        timings["decode"] = time.perf_counter() - started
+        return GenerationResult(frames=frames, width=width, height=height, seed=params.seed, timings=timings)
+
+    def encode_text(self, text: str, max_length: int | None = None):
+        """CLIP text features from the penultimate layer, through the final layer norm."""
+        pipe = self.pipe
+        tokens = pipe.tokenizer(
+            [text],
+            padding="max_length",
+            max_length=max_length or pipe.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = None
+        if getattr(pipe.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.device)
+        out = pipe.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask, output_hidden_states=True)
+        embeds = pipe.text_encoder.final_layer_norm(out.hidden_states[-2])
+        return embeds.to(dtype=pipe.text_encoder.dtype, device=self.device)
+
+    def encode_image_clip(self, image: PIL.Image.Image):
+        """CLIP image embedding (1, 1, dim) of the image resized to the encoder's input size."""
+        pipe = self.pipe
+        crop = pipe.feature_extractor.crop_size
+        image = image.resize((crop["width"], crop["height"]), PIL.Image.BILINEAR)
+        pixels = pipe.video_processor.numpy_to_pt(pipe.video_processor.pil_to_numpy(image))
+        pixels = pipe.feature_extractor(
+            images=pixels, do_normalize=True, do_center_crop=False, do_resize=False, do_rescale=False,
+            return_tensors="pt",
+        ).pixel_values
+        dtype = next(pipe.image_encoder.parameters()).dtype
+        embeds = pipe.image_encoder(pixels.to(device=self.device, dtype=dtype)).image_embeds
+        return embeds.unsqueeze(1)
+
+    def encode_image_latents(self, pixels, num_frames: int, seed: int):
+        """VAE latents of the first frame, followed by a ramp 1/(F-1) ... 1 for the other frames."""
+        import torch
+
+        pipe = self.pipe
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            latents = pipe.vae.encode(pixels).latent_dist.sample()
+        latents = (latents * pipe.vae.config.scaling_factor).unsqueeze(2)
+        ramp = [torch.ones_like(latents[:, :, :1]) * (i + 1) / (num_frames - 1) for i in range(num_frames - 1)]
+        return torch.cat([latents, *ramp], dim=2) if ramp else latents
+
+    def decode(self, latents, cancel: CancelFn | None = None):
+        """Latents (1, C, F, h, w) -> video (1, 3, F, H, W) in [-1, 1], float32."""
+        import torch
+
+        vae = self.pipe.vae
+        b, c, f, h, w = latents.shape
+        latents = (latents / vae.config.scaling_factor).permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        chunk = max(1, self.options.decode_chunk_size)
+        parts = []
+        for start in range(0, latents.shape[0], chunk):
+            self._check_cancel(cancel)
+            parts.append(vae.decode(latents[start : start + chunk]).sample)
+        image = torch.cat(parts)
+        video = image[None, :].reshape((b, f, -1) + image.shape[2:]).permute(0, 2, 1, 3, 4)
+        return video.float()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _step_kwargs(scheduler, generator) -> dict[str, Any]:
+        import inspect
+
+        accepted = inspect.signature(scheduler.step).parameters
+        kwargs: dict[str, Any] = {}
+        if "eta" in accepted:
+            kwargs["eta"] = 0.0
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
+
+    @staticmethod
+    def _check_cancel(cancel: CancelFn | None) -> None:
+        if cancel is not None and cancel():
+            raise GenerationCanceled("canceled")
+
+    def _is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _synchronize(self) -> None:
+        if self._is_cuda():
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def _reset_peak_memory(self) -> None:
+        if self._is_cuda():
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _peak_memory(self) -> tuple[int, str]:
+        if self._is_cuda():
+            import torch
+
+            return int(torch.cuda.max_memory_allocated(self.device)), "cuda_max_allocated"
+        # Linux reports ru_maxrss in KiB: the whole process's peak since it started.
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process_peak_rss"
+
+    def _free_memory(self) -> None:
+        import gc
+
+        gc.collect()
+        if self._is_cuda():
+            import torch
+
+            torch.cuda.empty_cache()
