@@ -109,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     generator = Generator(model, MemoryOptions(decode_chunk_size=args.decode_chunk_size))
 
     bar = tqdm(total=params.num_inference_steps, desc="denoising", unit="step", file=sys.stderr,
-               disable=None, dynamic_ncols=True)
+               disable=False, dynamic_ncols=True)
 
     def progress(step: int, total: int) -> None:
         bar.total = total
@@ -131,8 +131,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"peak memory {record['peak_memory_bytes'] / 2**30:.2f} GiB ({record['peak_memory_kind']})",
             file=sys.stderr,
         )
-        print(f"parameters: {output.params_path}", file=sys.stderr)
-        print(output.video_path)
+        print(f"parameters: {output.params_path.resolve()}", file=sys.stderr)
+        print(output.video_path.resolve())
     return 0
 
 

@@ -129,7 +129,7 @@ def resolve_source(model: str) -> tuple[str, dict[str, Any]]:
                 "point --model at the folder that holds model_index.json, unet/, vae/ ...",
                 field="model",
             )
-        return str(path), {}
+        return str(path), _variant(path)
     if model.count("/") == 1 and all(model.split("/")):
         return model, {"local_files_only": True}
     raise ModelLoadError(
@@ -137,6 +137,14 @@ def resolve_source(model: str) -> tuple[str, dict[str, Any]]:
         "or a hub id (org/name) already downloaded into the local cache",
         field="model",
     )
+
+
+def _variant(path: Path) -> dict[str, Any]:
+    """`{"variant": "fp16"}` when the UNet is saved only as the fp16 variant (a partial download)."""
+    unet = path / "unet"
+    if list(unet.glob("*.fp16.safetensors")) and not list(unet.glob("diffusion_pytorch_model.safetensors")):
+        return {"variant": "fp16"}
+    return {}
 
 
 def load_model(

@@ -91,3 +91,10 @@ def test_cuda_requested_without_gpu():
     with pytest.raises(ModelLoadError) as info:
         load_model("tiny-random", device="cuda")
     assert "no CUDA GPU" in info.value.message
+
+
+def test_directory_with_only_the_fp16_variant(tiny_model, tmp_path):
+    tiny_model.pipe.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert list((tmp_path / "fp16" / "unet").glob("*.fp16.safetensors"))
+    loaded = load_model(str(tmp_path / "fp16"), device="cpu")
+    assert type(loaded.pipe).__name__ == "I2VGenXLPipeline" and loaded.dtype == "float32"
