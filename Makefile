@@ -24,10 +24,12 @@ sysdeps:
 	  echo "installing ffmpeg (for ffprobe) with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; }
 
-# The farm's main job on the embedded default: render the bundled sample image with the
-# tiny-random model and print where the MP4 is.
+# The farm on the embedded defaults: local Ray, tiny-random model, results in ./outputs,
+# HTTP on 127.0.0.1:8000, in the foreground (Ctrl-C stops it). FARM_ARGS adds flags,
+# e.g. `make farm FARM_ARGS='--simulate 12gb:2,24gb:1'`.
+FARM_ARGS ?=
 farm: venv
-	$(BIN)/i2v-farm generate --sample --preset standard
+	$(BIN)/i2v-farm up $(FARM_ARGS)
 
 # The default test run (fast; `make test-all` adds the slow ones).
 test: venv sysdeps

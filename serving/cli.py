@@ -1,6 +1,11 @@
 """The `i2v-farm` command.
 
-    i2v-farm generate  render one image to an MP4 on this machine      (pipeline)
+    i2v-farm up        run the farm on this machine (Ctrl-C stops it)
+    i2v-farm submit    send a job to a running farm (--wait: progress bar, MP4)
+    i2v-farm status    a job, or the farm's classes and queues
+    i2v-farm cancel    cancel a queued or running job
+    i2v-farm join      print the `ray start` line that joins this GPU node to a fleet
+    i2v-farm generate  render one image to an MP4 on this machine, no farm (pipeline)
     i2v-farm estimate  predict peak VRAM and time of a request           (pipeline)
 
 Errors a user can fix print `error: <message>` and exit with status 2.
@@ -12,14 +17,20 @@ import argparse
 import logging
 import sys
 
+from cluster.join import add_join_command
 from pipeline import cli as pipeline_cli
 from pipeline.errors import I2VError
+
+from . import client, launcher
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="i2v-farm", description="Image-to-video render farm (I2VGen-XL).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    launcher.add_commands(sub)
+    client.add_commands(sub)
+    add_join_command(sub)
     pipeline_cli.add_commands(sub)
     return parser
 

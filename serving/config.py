@@ -1,0 +1,148 @@
+"""Farm settings: one typed object, read from a file and `I2V_*` environment variables.
+
+Precedence (highest first): explicit overrides (CLI flags) > `I2V_*` environment > the settings
+file named by `I2V_CONFIG` (YAML or JSON) > defaults. The defaults start a working farm on one
+machine: local Ray, the `tiny-random` model, results under `./outputs`, HTTP on 127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cluster.vram_classes import DEFAULT_CLASSES, ClassSet, VramClass
+
+
+class WorkerScaling(BaseModel):
+    """Replicas of one class's worker deployment (Ray Serve autoscaling bounds)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(0, ge=0, le=1024, description="Replicas kept even when idle.")
+    max_replicas: int = Field(1, ge=0, le=1024, description="Upper bound (one replica per GPU of the class).")
+
+
+class FarmSettings(BaseModel):
+    """Everything a farm needs to run. Each field maps to `I2V_<FIELD>` in the environment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(
+        "tiny-random",
+        description="`tiny-random`, `sim`, a local diffusers directory, or a hub id already in the local cache.",
+    )
+    host: str = Field("127.0.0.1", description="HTTP address to listen on (loopback by default).")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    storage_url: str = Field("file://./outputs", description="Where results land: `file://DIR` or `s3://BUCKET`.")
+    job_db: str = Field(
+        "./outputs/jobs.sqlite3", description="Durable job store (SQLite file on the head node)."
+    )
+    classes: list[VramClass] = Field(
+        default_factory=lambda: list(DEFAULT_CLASSES), description="The VRAM classes of the fleet."
+    )
+    workers: dict[str, WorkerScaling] = Field(
+        default_factory=dict,
+        description="Per-class replica bounds; a class not listed gets no worker deployment.",
+    )
+    backlog_limit: int = Field(100, ge=1, description="Queued jobs per class before new ones get 429.")
+    max_attempts: int = Field(3, ge=1, le=10, description="Tries per job (worker death, out of memory).")
+    spill: bool = Field(True, description="Let jobs spill up to a larger idle class when theirs is backed up.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Model dtype: auto = fp16 on GPU, fp32 on CPU."
+    )
+    cpu_offload: bool = Field(False, description="diffusers model CPU offload (less VRAM, slower).")
+    sim_time_scale: float = Field(
+        0.01, gt=0, le=10, description="`sim` model: fraction of the cost model's predicted seconds to sleep."
+    )
+    sim_vram_factor: float = Field(
+        1.0, gt=0, le=10,
+        description="`sim` model: true peak VRAM relative to the estimate (>1 simulates an underestimate -> OOM).",
+    )
+    max_image_bytes: int = Field(20 * 2**20, ge=1024, description="Largest accepted upload.")
+    worker_cpus: float = Field(1.0, gt=0, description="Logical CPUs each worker replica reserves.")
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_scheme(cls, value: str) -> str:
+        if not (value.startswith("file://") or value.startswith("s3://")):
+            raise ValueError("must start with file:// or s3://")
+        return value
+
+    @model_validator(mode="after")
+    def _workers_name_classes(self) -> "FarmSettings":
+        names = {c.name for c in self.classes}
+        ClassSet(self.classes)  # duplicate names, bad spill rules
+        for name, scaling in self.workers.items():
+            if name not in names:
+                raise ValueError(f"workers: unknown VRAM class {name!r}; classes: {', '.join(sorted(names))}")
+            if scaling.min_replicas > scaling.max_replicas:
+                raise ValueError(f"workers.{name}: min_replicas > max_replicas")
+        return self
+
+    # ---------------------------------------------------------------------------------------
+
+    @property
+    def class_set(self) -> ClassSet:
+        return ClassSet(self.classes)
+
+    @property
+    def active_classes(self) -> ClassSet:
+        """The classes that have a worker deployment (max_replicas > 0)."""
+        names = [n for n, w in self.workers.items() if w.max_replicas > 0]
+        return self.class_set.subset(names)
+
+    def resolved(self) -> "FarmSettings":
+        """Relative paths made absolute (deployments may run with another working directory)."""
+        update: dict[str, Any] = {"job_db": str(Path(self.job_db).expanduser().resolve())}
+        if self.storage_url.startswith("file://"):
+            update["storage_url"] = "file://" + str(Path(self.storage_url[len("file://"):]).expanduser().resolve())
+        return self.model_copy(update=update)
+
+
+def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> FarmSettings:
+    """Settings from `I2V_CONFIG` (file), `I2V_*` variables and `overrides` (None values ignored)."""
+    env = dict(os.environ if env is None else env)
+    data: dict[str, Any] = {}
+    path = env.get("I2V_CONFIG")
+    if path:
+        data.update(_read_file(Path(path)))
+    for name in FarmSettings.model_fields:
+        value = env.get("I2V_" + name.upper())
+        if value is not None and value != "":
+            data[name] = _env_value(name, value)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return FarmSettings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise ValueError(f"invalid setting {where}: {err['msg']}") from None
+
+
+def _env_value(name: str, value: str) -> Any:
+    field = FarmSettings.model_fields[name]
+    if field.annotation in (str,) or name in ("model", "host", "storage_url", "job_db", "dtype"):
+        return value
+    if value.lstrip()[:1] in "[{":
+        return json.loads(value)
+    return value  # pydantic converts numbers and booleans from strings
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read settings file {path}: {exc.strerror}") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"settings file {path} must hold a mapping")
+    return data

@@ -1,0 +1,430 @@
+"""The job manager: owns the durable job store and the scheduler, and drives the workers.
+
+One replica, on the head node (it asks for a sliver of the `i2v_head` resource, because the job
+store is a file there). Its loop: read how many worker replicas of each class are running, ask
+the scheduler which queued jobs go where, stream each dispatched job from a worker of that
+class, and write every change to the job store. A job survives: a worker dying (retried), out
+of memory (retried on the next larger class), and a farm restart (queued and running jobs are
+read back and scheduled again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline.errors import I2VError
+from pipeline.request import parse_params
+
+from .backends import SIM
+from .config import FarmSettings
+from .job_store import TERMINAL, JobStore
+from .scheduler import Backlogged, Fail, NoClassFits, QueuedJob, Retry, Scheduler, estimate_job
+from .storage import INPUT_NAMES, job_key, open_storage
+
+log = logging.getLogger(__name__)
+
+REPLICA_REFRESH_S = 1.0
+DISPATCH_TICK_S = 0.25
+
+
+class FarmError(I2VError):
+    """An error the manager answers a request with (carries the HTTP status)."""
+
+    def __init__(self, message: str, *, code: str, http_status: int, field: str | None = None, **extra: Any):
+        super().__init__(message, field=field, code=code)
+        self.http_status = http_status
+        self.extra = extra
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+@dataclass
+class Running:
+    job: QueuedJob
+    vram_class: str
+    task: asyncio.Task | None = None
+    stream: Any = None
+    cancel_requested: bool = False
+    progress: dict[str, int] = field(default_factory=dict)
+    node: str | None = None
+
+
+class JobManager:
+    def __init__(self, settings: dict[str, Any], workers: dict[str, Any]):
+        self.settings = FarmSettings.model_validate(settings)
+        self.classes = self.settings.active_classes
+        self.workers = workers  # class name -> DeploymentHandle of its Worker deployment
+        self.store = JobStore(self.settings.job_db)
+        self.storage = open_storage(self.settings.storage_url)
+        self.scheduler = Scheduler(
+            self.classes,
+            backlog_limit=self.settings.backlog_limit,
+            max_attempts=self.settings.max_attempts,
+            spill=self.settings.spill,
+        )
+        self.running: dict[str, Running] = {}
+        self.replicas: dict[str, dict[str, int]] = {c: {} for c in self.classes.names}
+        self.free_gpus: dict[str, float] = {}
+        self._seq = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._recover()
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    # --- start-up -----------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Queued and running jobs of an earlier run are scheduled again (a restart is not the
+        job's fault: it does not count as a failed attempt)."""
+        pending = self.store.with_status(["queued", "running"])
+        last = max((r["seq"] for r in pending), default=0)
+        self._seq = itertools.count(last + 1)
+        for rec in pending:
+            try:
+                home = self.scheduler.place(rec["estimate"]["vram_bytes"])
+                raised = rec.get("home_class")  # an OOM retry moved it to a larger class
+                if raised in self.classes and self.classes[raised].memory_gib > self.classes[home].memory_gib:
+                    home = raised
+            except NoClassFits as exc:
+                self.store.update(rec["id"], status="failed", finished_at=_now(),
+                                  error={"code": "no_class_fits", "message": exc.message})
+                continue
+            job = self._queued_job(rec, home)
+            if rec["status"] == "running":
+                self.store.update(rec["id"], status="queued", node=None, progress=None,
+                                  note="requeued after a farm restart")
+            self.scheduler.requeue(job)
+        if pending:
+            log.warning("recovered %d unfinished jobs from %s", len(pending), self.store.path)
+
+    def _run_seconds(self, seconds: dict[str, float]) -> dict[str, float]:
+        """How long a job will really take per class (the `sim` model sleeps a fraction of it)."""
+        scale = self.settings.sim_time_scale if self.settings.model == SIM else 1.0
+        return {k: v * scale for k, v in seconds.items()}
+
+    def _queued_job(self, rec: dict[str, Any], home: str) -> QueuedJob:
+        return QueuedJob(
+            id=rec["id"], vram_bytes=rec["estimate"]["vram_bytes"],
+            seconds=self._run_seconds(rec["estimate"]["seconds_by_class"]),
+            priority=rec["params"].get("priority", "normal"), seq=rec["seq"], home=home,
+            attempts=rec.get("attempts", 0),
+        )
+
+    # --- requests from the API ----------------------------------------------------------------
+
+    def submit(self, fields: dict[str, Any], image: bytes, image_format: str, width: int, height: int,
+               idempotency_key: str | None = None) -> dict[str, Any]:
+        """Admit a validated request. Returns {"job", "created"} or {"error", "status", ...}."""
+        try:
+            return self._submit(fields, image, image_format, width, height, idempotency_key)
+        except I2VError as exc:
+            return _error_reply(exc)
+
+    def _submit(self, fields, image, image_format, width, height, idempotency_key):
+        if idempotency_key:
+            existing = self.store.find_by_key(idempotency_key)
+            if existing is not None:  # a retried request: the job made the first time
+                return {"job": self._view(existing), "created": False}
+        params = parse_params(fields).with_seed()
+        from pipeline.request import output_size
+
+        out_w, out_h = output_size(params.resolution, width, height)
+        vram, seconds = estimate_job(
+            self.classes, out_w, out_h, params.num_frames, params.num_inference_steps,
+            params.guidance_scale > 1, dtype="float16" if self.settings.dtype == "auto" else self.settings.dtype,
+        )
+        try:
+            home = self.scheduler.place(vram)
+        except NoClassFits as exc:
+            raise FarmError(exc.message, code="no_class_fits", http_status=422) from None
+        job_id = uuid.uuid4().hex
+        seq = next(self._seq)
+        queued = QueuedJob(id=job_id, vram_bytes=vram, seconds=self._run_seconds(seconds), priority=params.priority,
+                           seq=seq, home=home)
+        try:
+            self.scheduler.admit(queued, self._capacity())
+        except Backlogged as exc:
+            raise FarmError(exc.message, code="backlogged", http_status=429, retry_after=exc.retry_after) from None
+        try:
+            input_key = job_key(job_id, INPUT_NAMES.get(image_format, "input.bin"))
+            self.storage.put_bytes(input_key, image, f"image/{image_format}")
+            record = {
+                "id": job_id,
+                "status": "queued",
+                "vram_class": home,
+                "node": None,
+                "progress": {"step": 0, "total": params.num_inference_steps},
+                "params": params.model_dump(),
+                "estimate": {"vram_bytes": vram, "seconds": round(seconds[home], 2),
+                             "seconds_by_class": {k: round(v, 2) for k, v in seconds.items()}},
+                "input": {"key": input_key, "width": width, "height": height, "format": image_format,
+                          "bytes": len(image)},
+                "output_size": {"width": out_w, "height": out_h},
+                "timings": {},
+                "peak_vram_bytes": None,
+                "result": None,
+                "error": None,
+                "attempts": 0,
+                "home_class": home,
+                "created_at": _now(),
+            }
+            record, created = self.store.create(record, idempotency_key=idempotency_key or None)
+        except BaseException:
+            self.scheduler.remove(job_id)
+            raise
+        if not created:  # same Idempotency-Key: the job made the first time
+            self.scheduler.remove(job_id)
+            self.storage_delete_quiet(job_id)
+        self._wake.set()
+        return {"job": self._view(record), "created": created}
+
+    def storage_delete_quiet(self, job_id: str) -> None:
+        delete = getattr(self.storage, "delete_prefix", None)
+        if delete:
+            try:
+                delete(job_id + "/")
+            except Exception:  # noqa: BLE001
+                log.warning("could not delete inputs of duplicate job %s", job_id)
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        rec = self.store.get(job_id)
+        return self._view(rec) if rec else None
+
+    def list(self, status: str | None = None, limit: int = 50, cursor: int | None = None) -> dict[str, Any]:
+        jobs, next_cursor = self.store.list(status=status, limit=limit, cursor=cursor)
+        return {"jobs": [self._view(j) for j in jobs], "next_cursor": next_cursor}
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        rec = self.store.get(job_id)
+        if rec is None:
+            return _error_reply(FarmError(f"no job {job_id}", code="not_found", http_status=404))
+        if rec["status"] in TERMINAL:
+            return _error_reply(FarmError(
+                f"job {job_id} already {rec['status']}; only queued or running jobs can be canceled",
+                code="not_cancelable", http_status=409))
+        run = self.running.get(job_id)
+        if run is not None:
+            run.cancel_requested = True
+            if run.stream is not None:
+                run.stream.cancel()
+            elif run.task is not None:
+                run.task.cancel()
+        else:
+            self.scheduler.remove(job_id)
+        rec = self.store.update(job_id, status="canceled", finished_at=_now(),
+                                error={"code": "canceled", "message": "canceled by request"})
+        self._wake.set()
+        return {"job": self._view(rec)}
+
+    def cluster(self) -> dict[str, Any]:
+        backlog = self.scheduler.backlog()
+        busy = self._busy()
+        classes = []
+        for c in self.classes:
+            states = self.replicas.get(c.name, {})
+            scaling = self.settings.workers[c.name]
+            classes.append({
+                "name": c.name,
+                "memory_gib": c.memory_gib,
+                "gpu": c.gpu,
+                "resource": c.resource,
+                "deployment": c.deployment,
+                "spill_to": list(self.classes.spill[c.name]),
+                "replicas": {"running": states.get("RUNNING", 0), "starting": states.get("STARTING", 0),
+                             "min": scaling.min_replicas, "max": scaling.max_replicas},
+                "busy": busy.get(c.name, 0),
+                "queued": backlog.get(c.name, 0),
+                "free_gpus": self.free_gpus.get(c.resource, 0.0),
+            })
+        return {
+            "model": self.settings.model,
+            "classes": classes,
+            "queue_depth": sum(backlog.values()),
+            "running": len(self.running),
+            "jobs": self.store.counts(),
+            "spill": self.settings.spill,
+            "backlog_limit": self.settings.backlog_limit,
+        }
+
+    def ready(self) -> dict[str, Any]:
+        running = {c: s.get("RUNNING", 0) for c, s in self.replicas.items()}
+        return {"ready": any(running.values()), "replicas": running}
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        last_refresh = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_refresh >= REPLICA_REFRESH_S:
+                    await self._refresh_replicas()
+                    last_refresh = time.monotonic()
+                self._dispatch()
+            except Exception:  # noqa: BLE001 - the loop must outlive any one bad tick
+                log.exception("dispatch loop error")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), DISPATCH_TICK_S)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _refresh_replicas(self) -> None:
+        import ray
+        from ray import serve
+
+        status = await asyncio.to_thread(serve.status)
+        app = next((a for a in status.applications.values()
+                    if any(c.deployment in a.deployments for c in self.classes)), None)
+        if app is not None:
+            for c in self.classes:
+                dep = app.deployments.get(c.deployment)
+                self.replicas[c.name] = {str(k.value if hasattr(k, "value") else k): v
+                                         for k, v in (dep.replica_states.items() if dep else [])}
+        self.free_gpus = {c.resource: ray.available_resources().get(c.resource, 0.0) for c in self.classes}
+
+    def _busy(self) -> dict[str, int]:
+        busy: dict[str, int] = {}
+        for run in self.running.values():
+            busy[run.vram_class] = busy.get(run.vram_class, 0) + 1
+        return busy
+
+    def _capacity(self) -> dict[str, int]:
+        return {c: s.get("RUNNING", 0) for c, s in self.replicas.items()}
+
+    def _free_slots(self) -> dict[str, int]:
+        busy = self._busy()
+        backlog = self.scheduler.backlog()
+        free = {}
+        for c in self.classes:
+            states = self.replicas.get(c.name, {})
+            running = states.get("RUNNING", 0)
+            slots = running - busy.get(c.name, 0)
+            # Autoscaling: with work queued, room to grow and a free GPU of this class, hand Serve
+            # one job more than it has replicas: its autoscaler then adds a replica.
+            total = running + states.get("STARTING", 0)
+            if (slots <= 0 and backlog.get(c.name, 0) > 0 and total < self.settings.workers[c.name].max_replicas
+                    and busy.get(c.name, 0) <= total and self.free_gpus.get(c.resource, 0) >= 1):
+                slots = 1
+            free[c.name] = max(0, slots)
+        return free
+
+    def _dispatch(self) -> None:
+        free = self._free_slots()
+        if not any(free.values()):
+            return
+        for job, vram_class in self.scheduler.assign(free):
+            log.info("dispatch %s (home %s) -> %s; free slots %s", job.id, job.home, vram_class, free)
+            run = Running(job=job, vram_class=vram_class)
+            self.running[job.id] = run
+            rec = self.store.update(job.id, status="running", vram_class=vram_class, started_at=_now(),
+                                    spilled=vram_class != job.home, node=None,
+                                    progress={"step": 0, "total": None})
+            run.task = asyncio.get_running_loop().create_task(self._execute(run, rec))
+
+    async def _execute(self, run: Running, rec: dict[str, Any]) -> None:
+        import ray
+        from ray.serve.exceptions import RequestCancelledError
+
+        job = run.job
+        kind, message = None, ""
+        started = time.monotonic()
+        try:
+            image = await asyncio.to_thread(self.storage.get_bytes, rec["input"]["key"])
+            payload = {"id": job.id, "params": rec["params"], "image": image, "attempt": job.attempts + 1,
+                       "input_key": rec["input"]["key"]}
+            run.stream = self.workers[run.vram_class].options(stream=True).run.remote(payload)
+            if run.cancel_requested:
+                run.stream.cancel()
+            async for event in run.stream:
+                kind = self._on_event(run, event, started)
+                if kind is not None:
+                    message = event.get("message", "")
+        except (RequestCancelledError, asyncio.CancelledError):
+            kind = "canceled"
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            kind, message = "worker_died", f"worker died: {type(exc).__name__}"
+        except Exception as exc:  # noqa: BLE001
+            log.exception("job %s: worker call failed", job.id)
+            kind, message = ("canceled" if run.cancel_requested else "worker_died"), f"{type(exc).__name__}: {exc}"
+        finally:
+            self.running.pop(job.id, None)
+            self._wake.set()
+        if run.cancel_requested or kind in (None, "done", "canceled"):
+            return
+        self._on_failure(run, kind, message)
+
+    def _on_event(self, run: Running, event: dict[str, Any], started: float) -> str | None:
+        """Apply one worker event; returns a failure kind ("oom", "error") or "done"/None."""
+        job = run.job
+        kind = event.get("event")
+        if run.cancel_requested:
+            return None
+        if kind == "started":
+            run.node = event["node"]
+            self.store.update(job.id, node=event["node"], replica=event.get("replica"))
+        elif kind == "progress":
+            self.store.update(job.id, progress={"step": event["step"], "total": event["total"]})
+        elif kind == "done":
+            steps = self.store.get(job.id)["params"]["num_inference_steps"]
+            timings = {**event["timings"], "queue_to_finish": round(time.monotonic() - started, 3)}
+            self.store.update(
+                job.id, status="succeeded", finished_at=_now(), result=event["result"], timings=timings,
+                peak_vram_bytes=event["peak_vram_bytes"], device=event.get("device"), attempts=job.attempts + 1,
+                progress={"step": steps, "total": steps},
+            )
+            return "done"
+        elif kind == "canceled":
+            return "canceled"
+        elif kind == "error":
+            return "oom" if event.get("code") == "out_of_memory" else "error"
+        return None
+
+    def _on_failure(self, run: Running, kind: str, message: str) -> None:
+        job = run.job
+        if kind == "oom":
+            job.home = run.vram_class  # retry on the class above the one that ran out
+        decision = self.scheduler.on_failure(job, kind, message)
+        failure = {"code": {"oom": "out_of_memory"}.get(kind, kind), "message": message,
+                   "vram_class": run.vram_class, "node": run.node}
+        rec = self.store.get(job.id) or {}
+        history = [*rec.get("failures", []), failure]
+        if isinstance(decision, Retry):
+            log.warning("job %s: %s on %s, retrying on %s", job.id, kind, run.vram_class, decision.vram_class)
+            self.store.update(job.id, status="queued", vram_class=decision.vram_class, home_class=job.home, node=None,
+                              attempts=job.attempts, failures=history, progress={"step": 0, "total": None})
+            self.scheduler.requeue(job)
+        else:
+            assert isinstance(decision, Fail)
+            self.store.update(job.id, status="failed", finished_at=_now(), attempts=job.attempts,
+                              failures=history, error={"code": decision.code, "message": decision.message})
+
+    # --- views --------------------------------------------------------------------------------
+
+    def _view(self, rec: dict[str, Any]) -> dict[str, Any]:
+        """The job as clients see it."""
+        out = {k: v for k, v in rec.items() if k not in ("seq",)}
+        out["estimate"] = {k: v for k, v in rec["estimate"].items() if k != "seconds_by_class"}
+        if rec["status"] == "queued":
+            out["queue_position"] = self._queue_position(rec["id"])
+        return out
+
+    def _queue_position(self, job_id: str) -> int | None:
+        for c in self.classes.names:
+            for i, job in enumerate(self.scheduler.queued(c)):
+                if job.id == job_id:
+                    return i + 1
+        return None
+
+
+def _error_reply(exc: I2VError) -> dict[str, Any]:
+    reply = {"error": exc.to_dict(), "status": getattr(exc, "http_status", 400)}
+    reply.update(getattr(exc, "extra", {}))
+    return reply

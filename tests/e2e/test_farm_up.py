@@ -1,0 +1,151 @@
+"""`i2v-farm up` as a user runs it: a foreground process, HTTP on loopback, Ctrl-C to stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.helpers import ffprobe, make_image
+
+CLI = [sys.executable, "-m", "serving.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A running `i2v-farm` process whose output is collected as it comes."""
+
+    def __init__(self, args, cwd, env=None):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        for var in [v for v in env if v.startswith("I2V_") and v != "I2V_CACHE_DIR"]:
+            env.pop(var)
+        self.p = subprocess.Popen(CLI + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if self.p.poll() is not None:
+                self._t.join(5)
+                raise AssertionError(f"exited {self.p.returncode} before {text!r}:\n{self.output[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} after {timeout}s:\n{self.output[-4000:]}")
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGINT)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.p.pid, signal.SIGKILL)
+                self.p.wait()
+        self._t.join(5)
+        return self.p.returncode
+
+
+@pytest.fixture(scope="module")
+def farm_up(tmp_path_factory):
+    """`i2v-farm up` with the embedded defaults (tiny-random, ./outputs), on a free port."""
+    cwd = tmp_path_factory.mktemp("farm-up")
+    port = _free_port()
+    proc = Proc(["up", "--port", str(port)], cwd)
+    try:
+        proc.wait_for("ready at", timeout=240)
+        yield proc, f"http://127.0.0.1:{port}", cwd, port
+    finally:
+        proc.stop()
+
+
+def test_up_serves_jobs_over_http_and_writes_an_mp4(farm_up, tmp_path):
+    proc, url, cwd, _ = farm_up
+    assert f"ready at {url}" in proc.output and "tiny-random" in proc.output
+
+    image = tmp_path / "in.png"
+    make_image(128, 96, seed=5).save(image)
+    with image.open("rb") as f:
+        r = requests.post(url + "/v1/jobs", files={"image": ("in.png", f, "image/png")},
+                          data={"prompt": "A cat turning its head to the left", "preset": "fast",
+                                "num_inference_steps": "2", "seed": "3"}, timeout=30)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["vram_class"] and job["estimate"]["vram_bytes"] > 0
+
+    deadline = time.monotonic() + 180
+    while (job := requests.get(url + job["links"]["self"], timeout=30).json())["status"] not in (
+            "succeeded", "failed", "canceled"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == {"step": 2, "total": 2}
+
+    video = requests.get(url + job["result"]["url"], timeout=60)
+    assert video.status_code == 200
+    out = tmp_path / "got.mp4"
+    out.write_bytes(video.content)
+    stream = ffprobe(out)
+    assert (stream["width"], stream["height"]) == (job["result"]["width"], job["result"]["height"]) == (584, 440)
+    assert int(stream["nb_read_frames"]) == 8 and stream["codec_name"] == "h264"
+    # results land under ./outputs of the directory the farm was started in
+    stored = cwd / "outputs" / job["id"]
+    assert (stored / "video.mp4").read_bytes() == video.content
+    assert (stored / "params.json").is_file() and (stored / "input.png").is_file()
+
+
+def test_submit_client_waits_with_a_progress_bar_and_downloads(farm_up, tmp_path):
+    _, url, _, _ = farm_up
+    proc = subprocess.run(CLI + ["submit", "--url", url, "--sample", "--preset", "fast", "--steps", "2",
+                                 "--wait", "--out", str(tmp_path / "dl")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    assert path.parent == tmp_path / "dl" and path.suffix == ".mp4"
+    assert int(ffprobe(path)["nb_read_frames"]) == 8
+    assert "step" in proc.stderr and "succeeded" in proc.stderr  # the bar
+
+    bad = subprocess.run(CLI + ["submit", "--url", url, "--sample", "--frames", "99"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "num_frames" in bad.stderr
+
+
+def test_up_refuses_a_taken_port(farm_up, tmp_path):
+    _, _, _, port = farm_up
+    second = subprocess.run(CLI + ["up", "--port", str(port)], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert second.returncode == 2
+    assert f"port {port}" in second.stderr and "in use" in second.stderr
+
+
+def test_ctrl_c_stops_the_farm(tmp_path):
+    port = _free_port()
+    proc = Proc(["up", "--port", str(port), "--model", "sim", "--simulate", "12gb:1"], tmp_path)
+    proc.wait_for("ready at", timeout=240)
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    assert proc.stop() == 0
+    assert "stopped" in proc.output
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)

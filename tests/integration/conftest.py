@@ -1,0 +1,130 @@
+"""One shared simulated Ray cluster per test run (12gb:2, 24gb:1 fake-GPU nodes) with Serve on
+a free loopback port; each test module deploys the farm application it needs on it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import requests
+
+from tests.helpers import make_image
+
+CLUSTER = "12gb:2,24gb:1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The shared cluster: (SimulatedCluster, HTTP port of Serve's proxy)."""
+    from ray import serve
+
+    from cluster.simulated import SimulatedCluster
+
+    sim = SimulatedCluster(CLUSTER, head_cpus=4, node_cpus=2).start()
+    try:
+        sim.connect(namespace="i2v-tests", log_to_driver=False)
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        yield sim, port
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            sim.shutdown()
+
+
+def png_bytes(width: int = 96, height: int = 80, seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    make_image(width, height, seed).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Farm:
+    """A deployed farm application and an HTTP client for it."""
+
+    url: str
+    settings: object
+    sim: object
+    session: requests.Session = field(default_factory=requests.Session)
+
+    def submit(self, image: bytes | None = None, headers=None, **fields):
+        body = {"prompt": "waves rolling in", **fields,
+                "image": base64.b64encode(image if image is not None else png_bytes()).decode()}
+        return self.session.post(self.url + "/v1/jobs", json=body, headers=headers, timeout=30)
+
+    def submit_ok(self, **fields) -> dict:
+        r = self.submit(**fields)
+        assert r.status_code == 202, r.text
+        return r.json()
+
+    def job(self, job_id: str) -> dict:
+        r = self.session.get(f"{self.url}/v1/jobs/{job_id}", timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def wait(self, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 90,
+             until=None) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["status"] in statuses and (until is None or until(job)):
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+            time.sleep(0.1)
+
+    def cancel(self, job_id: str):
+        return self.session.post(f"{self.url}/v1/jobs/{job_id}/cancel", timeout=30)
+
+    def cluster(self) -> dict:
+        return self.session.get(self.url + "/v1/cluster", timeout=30).json()
+
+    def node_class(self, node_id: str) -> str:
+        for name, ids in self.sim.nodes_by_class().items():
+            if node_id in ids:
+                return name
+        raise AssertionError(f"node {node_id} is not a GPU node of the cluster")
+
+
+def deploy(ray_cluster, tmp_path, **overrides) -> Farm:
+    """Deploy the farm application with these settings on the shared cluster; wait until ready."""
+    from ray import serve
+
+    from serving.app import APP_NAME, build
+    from serving.config import load_settings
+
+    sim, port = ray_cluster
+    base = {"model": "sim", "job_db": str(tmp_path / "jobs.sqlite3"),
+            "storage_url": f"file://{tmp_path / 'outputs'}", "sim_time_scale": 0.01}
+    settings = load_settings({**base, **overrides}, env={})
+    serve.run(build(settings), name=APP_NAME, route_prefix="/")
+    farm = Farm(url=f"http://127.0.0.1:{port}", settings=settings.resolved(), sim=sim)
+    deadline = time.monotonic() + 120
+    while True:
+        r = farm.session.get(farm.url + "/readyz", timeout=10)
+        if r.status_code == 200:
+            wanted = {c: w["max_replicas"] for c, w in overrides.get("workers", {}).items()}
+            if r.json()["replicas"] == wanted:
+                return farm
+        if time.monotonic() > deadline:
+            raise AssertionError(f"farm not ready: {r.text}")
+        time.sleep(0.3)
+
+
+def undeploy() -> None:
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    serve.delete(APP_NAME)

@@ -1,0 +1,521 @@
+"""The scheduler: smallest-fit placement, priority queues, spill-up, backlog limits, retries."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.vram_classes import ClassSet, VramClass, default_classes
+from pipeline.cost_model import RESOLUTIONS, GiB, Workload, estimate
+from serving.scheduler import (
+    PRIORITY_RANK,
+    Backlogged,
+    Fail,
+    NoClassFits,
+    QueuedJob,
+    Retry,
+    Scheduler,
+    estimate_job,
+)
+
+CLASSES = default_classes()  # 12gb, 24gb, 40gb, 80gb
+
+
+def job(id: str, gib: float = 1.0, *, priority="normal", seq=0, seconds=None, home="") -> QueuedJob:
+    """A job of `gib` GiB (10 s on every class unless `seconds` is given)."""
+    secs = {name: 10.0 for name in CLASSES.names} if seconds is None else seconds
+    return QueuedJob(id, int(gib * GiB), dict(secs), priority=priority, seq=seq, home=home)
+
+
+def ids(pairs):
+    return [(j.id, c) for j, c in pairs]
+
+
+# ------------------------------------------------------------------------------- placement
+
+
+def test_estimate_job_matches_the_cost_model_per_class():
+    w, h = RESOLUTIONS["512p"]
+    vram, seconds = estimate_job(CLASSES, w, h, 16, 50, True)
+    wl = Workload(w, h, 16, 50)
+    assert vram == estimate(wl, CLASSES["80gb"].gpu_spec).vram_bytes
+    assert 7.0 < vram / GiB < 7.3
+    assert list(seconds) == ["12gb", "24gb", "40gb", "80gb"]
+    for c in CLASSES:
+        assert seconds[c.name] == pytest.approx(estimate(wl, c.gpu_spec).seconds)
+    # Faster GPUs, fewer seconds.
+    assert seconds["12gb"] > seconds["24gb"] > seconds["40gb"] > seconds["80gb"]
+    # Options reach the cost model: no CFG is cheaper, float32 needs more memory.
+    assert estimate_job(CLASSES, w, h, 16, 50, False)[1]["24gb"] < seconds["24gb"]
+    assert estimate_job(CLASSES, w, h, 16, 50, True, dtype="float32")[0] > vram
+
+
+@pytest.mark.parametrize(
+    "resolution, frames, home",
+    [("512p", 16, "12gb"), ("768p", 16, "12gb"), ("1024p", 16, "24gb"), ("1024p", 32, "24gb")],
+)
+def test_smallest_fitting_class_from_real_estimates(resolution, frames, home):
+    w, h = RESOLUTIONS[resolution]
+    vram, _ = estimate_job(CLASSES, w, h, frames, 50, True)
+    s = Scheduler(CLASSES)
+    assert s.place(vram) == home
+    # Smallest: the next smaller class would not fit.
+    idx = CLASSES.names.index(home)
+    assert CLASSES[home].memory_bytes >= vram
+    if idx:
+        assert CLASSES.classes[idx - 1].memory_bytes < vram
+
+
+def test_place_boundaries():
+    s = Scheduler(CLASSES)
+    assert s.place(12 * GiB) == "12gb"
+    assert s.place(12 * GiB + 1) == "24gb"
+    assert s.place(0) == "12gb"
+    assert s.place(80 * GiB) == "80gb"
+    with pytest.raises(NoClassFits):
+        s.place(80 * GiB + 1)
+
+
+def test_1024p_32_frames_on_a_12gb_24gb_subset():
+    small = CLASSES.subset(["12gb", "24gb"])
+    w, h = RESOLUTIONS["1024p"]
+    # float16: ~20.4 GiB by the cost model, so it still fits the 24gb class.
+    vram16, _ = estimate_job(small, w, h, 32, 50, True)
+    assert 20.0 < vram16 / GiB < 21.0
+    assert Scheduler(small).place(vram16) == "24gb"
+    # float32: ~40.2 GiB, more than the largest class: refused with the reason.
+    vram32, seconds = estimate_job(small, w, h, 32, 50, True, dtype="float32")
+    assert 40.0 < vram32 / GiB < 40.5
+    s = Scheduler(small)
+    with pytest.raises(NoClassFits) as info:
+        s.admit(QueuedJob("big", vram32, seconds))
+    err = info.value
+    assert err.needed_bytes == vram32 and err.largest == "24gb"
+    assert "40.2 GiB" in err.message
+    assert "24gb" in err.message and "24.0 GiB" in err.message
+    assert s.backlog() == {"12gb": 0, "24gb": 0} and len(s) == 0
+
+
+def test_1024p_32_frames_float16_fits_no_class_of_a_12gb_only_subset():
+    only12 = CLASSES.subset(["12gb"])
+    w, h = RESOLUTIONS["1024p"]
+    vram, _ = estimate_job(only12, w, h, 32, 50, True)
+    with pytest.raises(NoClassFits) as info:
+        Scheduler(only12).place(vram)
+    assert info.value.largest == "12gb"
+    assert "20.4 GiB" in info.value.message and "12.0 GiB" in info.value.message
+
+
+def test_admit_sets_home_and_keeps_a_given_one():
+    s = Scheduler(CLASSES)
+    a = job("a", 7.1)
+    b = job("b", 12.8)
+    c = job("c", 1.0, home="40gb")  # e.g. raised by an earlier OOM
+    for j in (a, b, c):
+        s.admit(j)
+    assert (a.home, b.home, c.home) == ("12gb", "24gb", "40gb")
+    assert s.backlog() == {"12gb": 1, "24gb": 1, "40gb": 1, "80gb": 0}
+    with pytest.raises(ValueError):
+        s.admit(job("d", home="13gb"))
+    with pytest.raises(ValueError):
+        s.admit(job("e", priority="urgent"))
+    with pytest.raises(ValueError):
+        s.admit(job("a"))  # already queued
+
+
+# ------------------------------------------------------------------------------- order
+
+
+def test_priority_then_fifo_order():
+    s = Scheduler(CLASSES)
+    specs = [("n1", "normal", 1), ("l0", "low", 0), ("h3", "high", 3), ("n0", "normal", 0), ("h5", "high", 5)]
+    for i, p, seq in specs:
+        s.admit(job(i, priority=p, seq=seq))
+    assert [j.id for j in s.queued("12gb")] == ["h3", "h5", "n0", "n1", "l0"]
+    assert ids(s.assign({"12gb": 2})) == [("h3", "12gb"), ("h5", "12gb")]
+    assert ids(s.assign({"12gb": 10})) == [("n0", "12gb"), ("n1", "12gb"), ("l0", "12gb")]
+    assert s.assign({"12gb": 1}) == []
+
+
+def test_queued_all_classes_in_global_dispatch_order():
+    s = Scheduler(CLASSES)
+    s.admit(job("a", 1, seq=2))
+    s.admit(job("b", 30, seq=1))
+    s.admit(job("c", 20, seq=3, priority="high"))
+    assert [j.id for j in s.queued()] == ["c", "b", "a"]
+    assert PRIORITY_RANK == {"low": -1, "normal": 0, "high": 1}
+
+
+# ------------------------------------------------------------------------------- spill
+
+
+def test_own_class_runs_its_jobs_when_it_has_a_slot():
+    s = Scheduler(CLASSES)
+    s.admit(job("a", 5))
+    assert ids(s.assign({"12gb": 1, "24gb": 1, "80gb": 1})) == [("a", "12gb")]
+
+
+def test_spill_up_when_own_class_is_full_and_a_larger_one_idle():
+    s = Scheduler(CLASSES)
+    for i in range(3):
+        s.admit(job(f"j{i}", 5, seq=i))
+    out = ids(s.assign({"12gb": 1, "24gb": 1}))
+    assert out == [("j0", "12gb"), ("j1", "24gb")]
+    assert [j.id for j in s.queued()] == ["j2"]
+    # Own class busy (0 slots), two idle larger classes: the smaller idle one takes it first.
+    s.admit(job("j3", 5, seq=3))
+    assert ids(s.assign({"40gb": 1, "80gb": 1})) == [("j2", "40gb"), ("j3", "80gb")]
+
+
+def test_never_spill_down():
+    s = Scheduler(CLASSES)
+    s.admit(job("big", 30))  # home 40gb
+    assert s.assign({"12gb": 4, "24gb": 4}) == []
+    assert ids(s.assign({"80gb": 1})) == [("big", "80gb")]
+
+
+def test_own_queue_before_spilled_work():
+    s = Scheduler(CLASSES)
+    s.admit(job("small-old", 5, seq=0, priority="high"))  # home 12gb
+    s.admit(job("mid-new", 20, seq=9, priority="low"))  # home 24gb
+    # 12gb has no slot; 24gb has one: its own (low, newer) job goes before the spilled high one.
+    assert ids(s.assign({"24gb": 1})) == [("mid-new", "24gb")]
+    assert ids(s.assign({"24gb": 1})) == [("small-old", "24gb")]
+
+
+def test_spilled_candidates_picked_by_priority_then_seq_across_classes():
+    s = Scheduler(CLASSES)
+    s.admit(job("a12", 5, seq=1))
+    s.admit(job("b24", 20, seq=0))
+    s.admit(job("c12", 5, seq=2, priority="high"))
+    assert ids(s.assign({"40gb": 2})) == [("c12", "40gb"), ("b24", "40gb")]
+    assert ids(s.assign({"40gb": 2})) == [("a12", "40gb")]
+
+
+def test_spill_disabled():
+    s = Scheduler(CLASSES, spill=False)
+    s.admit(job("a", 5, seq=0))
+    s.admit(job("b", 5, seq=1))
+    assert ids(s.assign({"12gb": 1, "24gb": 2, "80gb": 2})) == [("a", "12gb")]
+    assert [j.id for j in s.queued("12gb")] == ["b"]
+
+
+def test_spill_to_config_is_respected():
+    classes = ClassSet(
+        [
+            VramClass(name="12gb", memory_gib=12, gpu="rtx3060-12gb", spill_to=("40gb",)),
+            VramClass(name="24gb", memory_gib=24, gpu="rtx4090-24gb", spill_to=()),
+            VramClass(name="40gb", memory_gib=40, gpu="a100-40gb"),
+        ]
+    )
+    s = Scheduler(classes)
+    s.admit(job("a", 5, seq=0, seconds={}))  # home 12gb, may spill to 40gb only
+    s.admit(job("b", 20, seq=1, seconds={}))  # home 24gb, may not spill
+    s.admit(job("c", 20, seq=2, seconds={}))
+    # 24gb takes its own jobs but not 12gb's (not in its spill_to).
+    assert ids(s.assign({"24gb": 3})) == [("b", "24gb"), ("c", "24gb")]
+    assert [j.id for j in s.queued()] == ["a"]
+    assert s.assign({"24gb": 3}) == []
+    s.admit(job("d", 20, seq=3, seconds={}))
+    # 40gb idle: takes 12gb's job, not 24gb's (24gb spills nowhere).
+    assert ids(s.assign({"40gb": 3})) == [("a", "40gb")]
+    assert [j.id for j in s.queued()] == ["d"]
+
+
+def test_assign_rejects_unknown_classes_and_bad_counts():
+    s = Scheduler(CLASSES)
+    s.admit(job("a"))
+    with pytest.raises(ValueError, match="16gb"):
+        s.assign({"16gb": 1})
+    with pytest.raises(ValueError):
+        s.assign({"12gb": -1})
+    with pytest.raises(ValueError):
+        s.assign({"12gb": 1.5})
+    assert [j.id for j in s.queued()] == ["a"]  # nothing popped by a rejected call
+    assert s.assign({}) == []
+
+
+# ------------------------------------------------------------------------------- backlog
+
+
+def test_backlog_limit_raises_backlogged_with_retry_after():
+    s = Scheduler(CLASSES, backlog_limit=3)
+    for i, secs in enumerate([100.0, 50.5, 30.0]):
+        s.admit(job(f"j{i}", 5, seq=i, seconds={"12gb": secs, "24gb": 1.0}))
+    s.admit(job("other", 20))  # another class is not affected
+    with pytest.raises(Backlogged) as info:
+        s.admit(job("j3", 5, seq=3), capacity={"12gb": 2})
+    err = info.value
+    assert err.vram_class == "12gb"
+    assert err.retry_after == math.ceil(180.5 / 2) == 91
+    assert "12gb" in err.message and "91" in err.message
+    assert s.backlog() == {"12gb": 3, "24gb": 1, "40gb": 0, "80gb": 0}
+    assert "j3" not in s
+    # Without capacity: one worker.
+    with pytest.raises(Backlogged) as info:
+        s.admit(job("j4", 5, seq=4))
+    assert info.value.retry_after == 181
+    # requeue (retries, recovery) skips the limit.
+    s.requeue(job("j5", 5, seq=5))
+    assert s.backlog()["12gb"] == 4
+    # A dispatch frees room again.
+    s.assign({"12gb": 2})
+    s.admit(job("j6", 5, seq=6))
+    assert s.backlog()["12gb"] == 3
+
+
+def test_retry_after_rules():
+    s = Scheduler(CLASSES, backlog_limit=None)
+    assert s.retry_after("12gb") == 1  # empty queue: at least 1
+    s.admit(job("a", 5, seconds={"12gb": 0.2}))
+    assert s.retry_after("12gb") == 1
+    s.admit(job("b", 5, seconds={"12gb": 10.0}))
+    assert s.retry_after("12gb") == 11
+    assert s.retry_after("12gb", {"12gb": 4}) == math.ceil(10.2 / 4) == 3
+    assert s.retry_after("12gb", {"12gb": 0}) == 11  # max(1, capacity)
+    assert s.retry_after("12gb", {"24gb": 8}) == 11  # missing: 1 worker
+    assert s.retry_after("24gb", {"24gb": 8}) == 1  # other class queues do not count
+    with pytest.raises(ValueError):
+        s.retry_after("16gb")
+
+
+def test_unlimited_and_zero_backlog():
+    s = Scheduler(CLASSES, backlog_limit=None)
+    for i in range(500):
+        s.admit(job(f"j{i}", seq=i))
+    assert s.backlog()["12gb"] == 500
+    z = Scheduler(CLASSES, backlog_limit=0)
+    with pytest.raises(Backlogged):
+        z.admit(job("a"))
+
+
+# ------------------------------------------------------------------------------- remove
+
+
+def test_remove():
+    s = Scheduler(CLASSES)
+    a, b, c = job("a", seq=0), job("b", seq=1), job("c", 20, seq=2)
+    for j in (a, b, c):
+        s.admit(j)
+    assert s.remove("a") is a
+    assert s.remove("a") is None
+    assert s.remove("nope") is None
+    assert s.backlog() == {"12gb": 1, "24gb": 1, "40gb": 0, "80gb": 0}
+    assert ids(s.assign({"12gb": 5, "24gb": 5})) == [("b", "12gb"), ("c", "24gb")]
+    assert s.remove("b") is None  # assigned jobs are no longer queued
+    # Removed then re-admitted with a lower priority: queued once, at its new place.
+    s.admit(a)
+    s.admit(job("x", seq=1))
+    assert [j.id for j in s.queued("12gb")] == ["a", "x"]
+    s.remove("a")
+    a.priority = "low"
+    s.admit(a)
+    assert [j.id for j in s.queued("12gb")] == ["x", "a"]
+    assert ids(s.assign({"12gb": 1})) == [("x", "12gb")]
+    assert ids(s.assign({"12gb": 5})) == [("a", "12gb")]
+    assert len(s) == 0 and s.assign({"12gb": 5}) == []
+
+
+def test_many_removes_keep_order_and_counts():
+    s = Scheduler(CLASSES, backlog_limit=None)
+    for i in range(1000):
+        s.admit(job(f"j{i}", seq=i))
+    for i in range(0, 1000, 3):
+        assert s.remove(f"j{i}") is not None
+    left = [f"j{i}" for i in range(1000) if i % 3]
+    assert [j.id for j in s.queued("12gb")] == left
+    assert [j.id for j, _ in s.assign({"12gb": 1000})] == left
+
+
+# ------------------------------------------------------------------------------- failures
+
+
+def test_oom_retries_on_the_next_larger_class_then_fails_on_the_largest():
+    s = Scheduler(CLASSES, max_attempts=10)
+    j = job("a", 5)
+    s.admit(j)
+    ((popped, _),) = s.assign({"12gb": 1})
+    for expected in ("24gb", "40gb", "80gb"):
+        d = s.on_failure(popped, "oom", "CUDA out of memory")
+        assert isinstance(d, Retry) and d.vram_class == expected == popped.home
+        assert "out of memory" in d.reason
+        s.requeue(popped)
+        assert ids(s.assign({expected: 1})) == [("a", expected)]
+    d = s.on_failure(popped, "oom", "CUDA out of memory")
+    assert d == Fail("out_of_memory", d.message) and "80gb" in d.message
+    assert popped.home == "80gb" and popped.attempts == 4
+
+
+def test_oom_bounded_by_max_attempts():
+    s = Scheduler(CLASSES, max_attempts=2)
+    j = job("b", 5, home="12gb")
+    d1 = s.on_failure(j, "oom")
+    assert isinstance(d1, Retry) and d1.vram_class == "24gb" and j.attempts == 1
+    d2 = s.on_failure(j, "oom")
+    assert isinstance(d2, Fail) and d2.code == "out_of_memory" and "2 attempts" in d2.message
+    assert j.home == "24gb" and j.attempts == 2
+
+
+def test_oom_next_larger_in_a_subset():
+    s = Scheduler(CLASSES.subset(["12gb", "80gb"]))
+    j = job("a", home="12gb")
+    assert s.on_failure(j, "oom").vram_class == "80gb"
+
+
+def test_worker_died_retries_on_the_same_class_up_to_max_attempts():
+    s = Scheduler(CLASSES, max_attempts=3)
+    j = job("a", 20, home="24gb")
+    for n in (1, 2):
+        d = s.on_failure(j, "worker_died", "actor died")
+        assert isinstance(d, Retry) and d.vram_class == "24gb" and j.attempts == n
+    d = s.on_failure(j, "worker_died", "actor died")
+    assert isinstance(d, Fail) and d.code == "worker_died"
+    assert "3 times" in d.message and "actor died" in d.message
+    assert j.home == "24gb" and j.attempts == 3
+
+
+def test_error_fails_at_once():
+    s = Scheduler(CLASSES, max_attempts=5)
+    j = job("a", home="12gb")
+    assert s.on_failure(j, "error", "NaN in latents") == Fail("generation_failed", "NaN in latents")
+    assert j.attempts == 1 and j.home == "12gb"
+    with pytest.raises(ValueError):
+        s.on_failure(j, "meteor")
+
+
+# ------------------------------------------------------------------------------- scale
+
+
+def test_thousands_of_jobs_dispatch_fast():
+    s = Scheduler(CLASSES, backlog_limit=None)
+    n = 20_000
+    start = time.perf_counter()
+    for i in range(n):
+        s.admit(job(f"j{i}", (1, 20, 30, 70)[i % 4], seq=i, priority=("low", "normal", "high")[i % 3]))
+    for i in range(0, n, 7):
+        s.remove(f"j{i}")
+    got = 0
+    while len(s):
+        got += len(s.assign({"12gb": 1, "40gb": 1, "80gb": 1}))
+    elapsed = time.perf_counter() - start
+    assert got == n - len(range(0, n, 7))
+    assert elapsed < 5.0, elapsed  # O(n^2) would take minutes
+
+
+# ------------------------------------------------------------------------------- property
+
+
+@st.composite
+def class_sets(draw):
+    base = list(CLASSES.classes)
+    names = draw(st.lists(st.sampled_from([c.name for c in base]), min_size=1, max_size=4, unique=True))
+    chosen = [c for c in base if c.name in names]
+    out = []
+    for c in chosen:
+        larger = [o.name for o in chosen if o.memory_gib > c.memory_gib]
+        spill_to = None
+        if larger:
+            spill_to = draw(st.none() | st.lists(st.sampled_from(larger), unique=True).map(tuple))
+        out.append(c.model_copy(update={"spill_to": spill_to}))
+    return ClassSet(out)
+
+
+def ops(class_names):
+    admit = st.tuples(
+        st.just("admit"),
+        st.sampled_from([1, 5, 11, 13, 20, 30, 50, 85]) | st.integers(0, 85),  # GiB; > largest sometimes
+        st.sampled_from(list(PRIORITY_RANK)),
+        st.integers(0, 5),  # seq (duplicates on purpose)
+    )
+    assign = st.tuples(
+        st.just("assign"),
+        st.dictionaries(st.sampled_from(class_names), st.integers(0, 3), max_size=len(class_names)),
+    )
+    remove = st.tuples(st.just("remove"), st.integers(0, 40))
+    return st.lists(st.one_of(admit, admit, assign, remove), max_size=60)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), spill=st.booleans(), limit=st.sampled_from([None, 2, 5]))
+def test_no_job_lost_or_duplicated_and_spill_rules_hold(data, spill, limit):
+    classes = data.draw(class_sets())
+    names = list(classes.names)
+    s = Scheduler(classes, backlog_limit=limit, spill=spill)
+    mem = {c.name: c.memory_bytes for c in classes}
+    key = {}  # id -> dispatch key
+    queued: dict[str, QueuedJob] = {}
+    done: set[str] = set()
+    removed: set[str] = set()
+    counter = 0
+    for op in data.draw(ops(names)):
+        if op[0] == "admit":
+            _, gib, prio, seq = op
+            jid = f"j{counter}"
+            counter += 1
+            j = QueuedJob(jid, gib * GiB, {n: float(gib + 1) for n in names}, priority=prio, seq=seq)
+            before = s.backlog()
+            if gib * GiB > mem[names[-1]]:
+                with pytest.raises(NoClassFits):
+                    s.admit(j)
+                continue
+            home = min((n for n in names if mem[n] >= gib * GiB), key=lambda n: mem[n])
+            if limit is not None and before[home] >= limit:
+                with pytest.raises(Backlogged) as info:
+                    s.admit(j)
+                assert info.value.retry_after >= 1 and info.value.vram_class == home
+                assert s.backlog() == before
+                continue
+            s.admit(j)
+            assert j.home == home
+            queued[jid] = j
+            key[jid] = (-PRIORITY_RANK[prio], seq, counter)
+        elif op[0] == "remove":
+            jid = f"j{op[1]}"
+            got = s.remove(jid)
+            if jid in queued:
+                assert got is queued.pop(jid)
+                removed.add(jid)
+            else:
+                assert got is None
+        else:
+            free = op[1]
+            out = s.assign(free)
+            seen = [j.id for j, _ in out]
+            assert len(seen) == len(set(seen))
+            per_class = {n: 0 for n in names}
+            for j, cls in out:
+                assert j.id in queued and j.id not in done and j.id not in removed
+                assert mem[cls] >= mem[j.home]
+                per_class[cls] += 1
+            for n in names:
+                assert per_class[n] <= free.get(n, 0)
+            for j, cls in out:
+                if cls != j.home:
+                    assert spill and cls in classes.spill[j.home]
+                    # Spilled only if its home class had no slot left in this call.
+                    assert per_class[j.home] == free.get(j.home, 0)
+            for j, _ in out:
+                done.add(j.id)
+                del queued[j.id]
+            # Each home queue is served as a prefix of its dispatch order.
+            for n in names:
+                taken = [key[j.id] for j, _ in out if j.home == n]
+                left = [key[i] for i, q in queued.items() if q.home == n]
+                if taken and left:
+                    assert max(taken) < min(left)
+            # Work-conserving: an idle slot left means nothing it may run is still queued.
+            for n in names:
+                if per_class[n] < free.get(n, 0):
+                    homes = {n} | ({h for h in names if n in classes.spill[h]} if spill else set())
+                    assert not [i for i, q in queued.items() if q.home in homes]
+        assert {j.id for j in s.queued()} == set(queued)
+        assert len(s.queued()) == len(queued) == len(s)
+        assert sum(s.backlog().values()) == len(queued)
+    # Drain everything: every admitted job comes out exactly once.
+    rest = s.assign({n: 1000 for n in names})
+    assert sorted(j.id for j, _ in rest) == sorted(queued)
+    assert len(s) == 0 and s.queued() == []
