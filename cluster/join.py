@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from .gpus import LocalGpu, detect_gpus
-from .vram_classes import HEAD_RESOURCE, ClassSet, VramClass, default_classes, parse_classes
+from .vram_classes import CLASS_MEMORY_TOLERANCE, HEAD_RESOURCE, ClassSet, VramClass, default_classes, parse_classes
 
 DEFAULT_PORT = 6379
 CLASSES_ENV = "I2V_CLASSES"
@@ -41,7 +41,7 @@ def classify(gpus: Sequence[LocalGpu], classes: ClassSet) -> list[tuple[LocalGpu
         if cls is None:
             raise ValueError(
                 f"{gpu.describe()} is smaller than the smallest VRAM class {smallest.name} "
-                f"({smallest.memory_gib:g} GiB, served from {smallest.memory_gib * 0.95:.1f} GiB); "
+                f"({smallest.memory_gib:g} GiB, served from {smallest.memory_gib * CLASS_MEMORY_TOLERANCE:.1f} GiB); "
                 "leave it out of the farm by hiding it with CUDA_VISIBLE_DEVICES, "
                 f"or configure a smaller class in ${CLASSES_ENV}"
             )

@@ -23,6 +23,8 @@ from pipeline.cost_model import GPUS, GiB, GpuSpec
 RESOURCE_PREFIX = "vram_"
 #: A resource only the head node advertises: the job manager (and its durable store) live there.
 HEAD_RESOURCE = "i2v_head"
+#: A GPU reporting at least this fraction of a class's memory belongs to that class.
+CLASS_MEMORY_TOLERANCE = 0.93
 
 
 class VramClass(BaseModel):
@@ -126,10 +128,12 @@ class ClassSet:
     def for_memory(self, total_bytes: int) -> VramClass | None:
         """The largest class a GPU with `total_bytes` of memory can serve (None: too small).
 
-        Cards report a little less than their label (a 24 GB RTX 4090: 23.99 GiB; an 80 GB H100:
-        79.6 GiB), so a class counts as served down to 95% of its nominal size.
+        Cards report less than their label (a 24 GB RTX 4090: 23.99 GiB; an 80 GB H100: 79.6 GiB;
+        the datacenter 24 GB A10G and L4 with ECC: 22.49 GiB), so a class counts as served down
+        to 93% of its nominal size. The largest fp16 job (1024p x 32 frames, ~20.4 GiB) still fits
+        those cards.
         """
-        fitting = [c for c in self.classes if c.memory_bytes * 0.95 <= total_bytes]
+        fitting = [c for c in self.classes if c.memory_bytes * CLASS_MEMORY_TOLERANCE <= total_bytes]
         return fitting[-1] if fitting else None
 
 

@@ -96,6 +96,11 @@ def _links(job: dict[str, Any]) -> dict[str, Any]:
 async def _read_submission(request: Request, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     """(fields, image bytes) from a multipart form or a JSON body."""
     ctype = request.headers.get("content-type", "")
+    length = request.headers.get("content-length")
+    # base64 grows the image by 4/3; the other fields are small
+    if length and length.isdigit() and int(length) > max_bytes * 4 // 3 + 2**20:
+        raise ApiError(f"the request is {int(length) / 2**20:.1f} MiB; images may be at most "
+                       f"{max_bytes / 2**20:.0f} MiB", code="image_too_large", status=413, field="image")
     if ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded"):
         try:
             form = await request.form(max_part_size=max_bytes + 1)

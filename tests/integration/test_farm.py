@@ -156,11 +156,19 @@ def test_api_answers(farm):
     assert r.status_code == 415, r.text
     r = farm.submit(image=png_bytes()[:60])
     assert r.status_code == 400 and r.json()["error"]["code"] == "corrupt_image"
+    huge = png_bytes() + b"\0" * (farm.settings.max_image_bytes)
+    r = farm.submit(image=huge)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large"
+    r = farm.session.post(url + "/v1/jobs", data={"prompt": "x"}, files={"image": ("big.png", huge, "image/png")})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "image"
     r = farm.session.post(url + "/v1/jobs", data="{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert farm.cluster()["jobs"] == before
     r = farm.session.get(url + "/v1/jobs/0123456789abcdef")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+    for quick in [farm.submit_ok(num_frames=8, num_inference_steps=2) for _ in range(2)]:
+        farm.wait(quick["id"])
 
     # multipart, as a browser form sends it, with an Idempotency-Key
     form = {"prompt": "clouds drifting", "preset": "fast", "num_inference_steps": "4", "priority": "high"}

@@ -59,6 +59,10 @@ def test_real_cards_map_to_their_classes():
     classes = default_classes()
     assert [classes.for_memory(g.memory_bytes).name for g in (RTX3060, RTX4090, A100_40, H100)] == [
         "12gb", "24gb", "40gb", "80gb"]
+    # datacenter 24 GB cards with ECC expose 22.49 GiB (93.7%): still 24gb; 11 GiB is no class
+    assert classes.for_memory(23028 * MiB).name == "24gb"  # A10G
+    assert classes.for_memory(23034 * MiB).name == "24gb"  # L4
+    assert classes.for_memory(11 * 1024 * MiB) is None
 
 
 def test_parse_nvidia_smi_tolerates_commas_in_names_blank_lines_and_garbage():
