@@ -8,6 +8,10 @@
     GET  /v1/jobs/{id}/events     server-sent events: progress and status changes
     GET  /v1/cluster              classes, replicas, queue depth, capacity, nodes
     GET  /healthz, /readyz
+    GET  /metrics                 Prometheus metrics of the farm (`monitoring/metrics.py`)
+    POST /v1/estimate             peak VRAM, VRAM class and seconds of a request, before submitting
+    GET  /v1/info                 the model (and what its output is), presets, field ranges, tips
+    GET  /, /ui/{file}            the web page (`serving/web`)
 
 The ingress validates everything it can (fields, image) before anything is queued, and answers
 errors as `{"error": {"code", "message", "field"}}`. Job state lives in the job manager.
@@ -19,21 +23,30 @@ import asyncio
 import base64
 import binascii
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from ray import serve
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pipeline.errors import I2VError, InvalidRequest
 from pipeline.images import load_image
 from pipeline.request import parse_params
+from pipeline.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+from pipeline.loading import TINY_RANDOM
+from pipeline.render import TINY_RANDOM_NOTE
+from pipeline.request import (DEFAULT_PRESET, PRESETS, PROMPT_EXAMPLES, PROMPT_TIPS, RESOLUTION_PIXELS,
+                              GenerationParams, output_size)
 
 from .config import FarmSettings
 from .protocol import ERROR_RESPONSES, ClusterStatus, Job, JobList, JobRequest
-from .storage import open_storage
+from .storage import StorageUnavailable, content_type, open_storage
+from .backends import SIM
+from .scheduler import NoClassFits, Scheduler, estimate_job
 
 TERMINAL = ("succeeded", "failed", "canceled")
 EVENT_POLL_S = 0.5
@@ -88,8 +101,9 @@ def _links(job: dict[str, Any]) -> dict[str, Any]:
     base = f"/v1/jobs/{job['id']}"
     job["links"] = {"self": base, "video": base + "/video", "events": base + "/events",
                     "cancel": base + "/cancel"}
+    job["links"]["poster"] = base + "/poster"
     if job.get("result"):
-        job["result"] = {**job["result"], "url": base + "/video"}
+        job["result"] = {**job["result"], "url": base + "/video", "poster_url": base + "/poster"}
     return job
 
 
@@ -148,6 +162,144 @@ def _image_format(data: bytes) -> str:
     return "webp"
 
 
+# --- the web page, and what it asks before submitting ----------------------------------------
+
+#: The web page's files (`serving/web`, shipped as package data), served at `/` and `/ui/<name>`.
+WEB_DIR = Path(__file__).parent / "web"
+WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+
+IMAGE_TIPS = (
+    "512x512 or larger works best.",
+    "A clear, centred subject on a simple background.",
+    "Avoid blurry pictures, crowds and posters full of text.",
+)
+TUNING_TIPS = (
+    "Motion too weak: raise the guidance scale to 10-12.",
+    "Blurry: use 60-80 steps.",
+    "Too large for the farm (or out of memory): lower the resolution or the number of frames.",
+)
+SIM_NOTE = "sim model: no network runs; timing comes from the cost model and the video is a placeholder."
+ESTIMATE_NOTES = {
+    TINY_RANDOM: "Times are the cost model's for the real model on each class's GPU; tiny-random runs at its own pace.",
+    SIM: "The sim model sleeps a fraction (sim_time_scale) of these times.",
+}
+REAL_WEIGHTS = {
+    "summary": "Download the I2VGen-XL weights once, then start the farm on them (nothing is downloaded at run time).",
+    "commands": [
+        "hf download ali-vilab/i2vgen-xl --local-dir /models/i2vgen-xl",
+        "i2v-farm up --model /models/i2vgen-xl    # or: export I2V_MODEL=/models/i2vgen-xl",
+    ],
+}
+
+
+def _web_files() -> dict[str, Path]:
+    if not WEB_DIR.is_dir():
+        return {}
+    return {p.name: p for p in WEB_DIR.iterdir() if p.is_file() and p.suffix in WEB_TYPES}
+
+
+def web_file(name: str) -> Response:
+    """One file of the web page (only the files of `serving/web`; never a path)."""
+    path = _web_files().get(name)
+    if path is None:
+        raise ApiError(f"no page asset {name!r}", code="not_found", status=404)
+    return FileResponse(path, media_type=WEB_TYPES[path.suffix], headers={"Cache-Control": "no-cache"})
+
+
+def model_kind(model: str) -> str:
+    """`tiny-random`, `sim`, or `i2vgen-xl` (real weights: a directory or a hub id)."""
+    return model if model in (TINY_RANDOM, SIM) else "i2vgen-xl"
+
+
+def _field_specs() -> dict[str, dict[str, Any]]:
+    """Type, default, range or choices and description of every request field (from the schema)."""
+    specs = {}
+    for name, prop in GenerationParams.model_json_schema()["properties"].items():
+        prop = dict(prop)
+        for alt in prop.pop("anyOf", []):  # `int | None` and friends: the non-null branch
+            if alt.get("type") != "null":
+                prop.update(alt)
+        spec = {k: prop[k] for k in ("type", "default", "minimum", "maximum", "enum", "maxLength", "description")
+                if k in prop}
+        spec["required"] = "default" not in prop
+        specs[name] = spec
+    return specs
+
+
+def farm_info(settings: FarmSettings) -> dict[str, Any]:
+    """What the web page (or any client) needs before it asks: the model and what its output is,
+    presets, field ranges, image limits, prompt tips and the active VRAM classes."""
+    kind = model_kind(settings.model)
+    return {
+        "model": settings.model,
+        "model_kind": kind,
+        "note": {TINY_RANDOM: TINY_RANDOM_NOTE, SIM: SIM_NOTE}.get(kind),
+        "real_weights": REAL_WEIGHTS if kind != "i2vgen-xl" else None,
+        "estimate_note": ESTIMATE_NOTES.get(kind),
+        "presets": PRESETS,
+        "default_preset": DEFAULT_PRESET,
+        "fields": _field_specs(),
+        "prompt_tips": PROMPT_TIPS,
+        "prompt_examples": list(PROMPT_EXAMPLES),
+        "tuning_tips": list(TUNING_TIPS),
+        "image": {
+            "types": ["image/jpeg", "image/png", "image/webp"],
+            "max_bytes": settings.max_image_bytes,
+            "min_side": MIN_IMAGE_SIDE,
+            "max_pixels": MAX_IMAGE_PIXELS,
+            "max_aspect_ratio": MAX_ASPECT_RATIO,
+            "tips": list(IMAGE_TIPS),
+        },
+        "classes": [{"name": c.name, "memory_gib": c.memory_gib, "gpu": c.gpu} for c in settings.active_classes],
+    }
+
+
+def _image_side(value: Any, field: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+        raise InvalidRequest(f"'{field}' must be the image's {field} in pixels (1-100000), got {value!r}",
+                             field=field)
+    return value
+
+
+def estimate_request(settings: FarmSettings, data: dict[str, Any]) -> dict[str, Any]:
+    """The cost-model estimate of a request before it is submitted: peak VRAM, the smallest active
+    class that holds it, and seconds on that class's GPU, as `POST /v1/jobs` would place it.
+
+    `data` holds the request fields (the prompt may be left out) plus the image's `width` and
+    `height` (default: a square image). A job no class can hold answers `fits: false` with the reason.
+    """
+    data = dict(data)
+    width = _image_side(data.pop("width", None), "width")
+    height = _image_side(data.pop("height", None), "height")
+    if not str(data.get("prompt") or "").strip():
+        data["prompt"] = "(estimate)"  # the estimate does not depend on the prompt
+    params = parse_params(data)
+    if width is None or height is None:
+        width = height = RESOLUTION_PIXELS[params.resolution]
+    out_w, out_h = output_size(params.resolution, width, height)
+    classes = settings.active_classes
+    vram, seconds = estimate_job(
+        classes, out_w, out_h, params.num_frames, params.num_inference_steps, params.guidance_scale > 1,
+        dtype="float16" if settings.dtype == "auto" else settings.dtype,
+    )
+    reply: dict[str, Any] = {
+        "fits": True, "reason": None, "vram_class": None, "gpu": None, "vram_bytes": vram, "seconds": None,
+        "width": out_w, "height": out_h, "num_frames": params.num_frames, "fps": params.fps,
+        "duration_s": round(params.num_frames / params.fps, 3),
+        "params": params.model_dump(exclude={"prompt", "negative_prompt"}),
+    }
+    try:
+        home = Scheduler(classes).place(vram)
+    except NoClassFits as exc:
+        return {**reply, "fits": False, "reason": exc.message}
+    return {**reply, "vram_class": home, "gpu": classes[home].gpu, "seconds": round(seconds[home], 2)}
+
+
 @serve.ingress(app)
 class FarmApi:
     """The ingress deployment: validate, forward to the job manager, shape responses."""
@@ -155,7 +307,7 @@ class FarmApi:
     def __init__(self, manager: Any, settings: dict[str, Any]):
         self.manager = manager
         self.settings = FarmSettings.model_validate(settings)
-        self.storage = open_storage(self.settings.storage_url)
+        self.storage = open_storage(self.settings)
 
     @app.post("/v1/jobs", status_code=202, response_model=Job, responses=ERROR_RESPONSES,
               openapi_extra={"requestBody": {"content": {
@@ -198,17 +350,42 @@ class FarmApi:
         out = _reply(await self.manager.cancel.remote(job_id))
         return out if isinstance(out, Response) else _links(out["job"])
 
-    @app.get("/v1/jobs/{job_id}/video", responses={**ERROR_RESPONSES, 200: {"content": {"video/mp4": {}}}})
+    @app.get("/v1/jobs/{job_id}/video", responses={**ERROR_RESPONSES, 200: {"content": {"video/mp4": {}}},
+                                                  307: {"description": "Redirect to a presigned URL (S3)"}})
     async def get_video(self, job_id: str):
-        """The MP4 of a succeeded job."""
+        """The MP4 of a succeeded job: streamed (with Range support) from local storage, or a
+        redirect to a presigned URL on S3/MinIO, valid for `presign_expiry_s`."""
         job = await self._job(job_id)
         if job["status"] != "succeeded":
             raise ApiError(f"job {job_id} is {job['status']}; the video exists once it has succeeded",
                            code="not_ready", status=409)
-        path = self.storage.path(job["result"]["key"])
-        if not path.is_file():
-            return error_response(404, "not_found", f"the video of job {job_id} is no longer in storage")
-        return FileResponse(path, media_type="video/mp4", filename=f"video_{job_id[:8]}.mp4")
+        return await self._object(job["result"]["key"], f"video_{job_id[:8]}.mp4", f"the video of job {job_id}")
+
+    @app.get("/v1/jobs/{job_id}/poster", responses={**ERROR_RESPONSES, 200: {"content": {"image/jpeg": {}}},
+                                                   307: {"description": "Redirect to a presigned URL (S3)"}})
+    async def get_poster(self, job_id: str):
+        """The first frame of a succeeded job's video, as a JPEG."""
+        job = await self._job(job_id)
+        if job["status"] != "succeeded" or not job["result"].get("poster_key"):
+            raise ApiError(f"job {job_id} is {job['status']}; its poster exists once it has succeeded",
+                           code="not_ready", status=409)
+        return await self._object(job["result"]["poster_key"], None, f"the poster of job {job_id}")
+
+    async def _object(self, key: str, filename: str | None, what: str):
+        if self.storage.kind == "file":
+            path = self.storage.path(key)
+            if not path.is_file():
+                return error_response(404, "not_found", f"{what} is no longer in storage")
+            return FileResponse(path, media_type=content_type(key), filename=filename,
+                                content_disposition_type="inline")
+        try:
+            found = await asyncio.to_thread(self.storage.stat, key)
+        except StorageUnavailable as exc:
+            return error_response(503, "storage_unavailable", f"storage is unreachable: {exc}")
+        if found is None:
+            return error_response(404, "not_found", f"{what} is no longer in storage")
+        url = self.storage.presigned_url(key, self.settings.presign_expiry_s)
+        return RedirectResponse(url, status_code=307)
 
     @app.get("/v1/jobs/{job_id}/events", responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
     async def job_events(self, job_id: str):
@@ -249,6 +426,11 @@ class FarmApi:
         ]
         return info
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(self):
+        """Prometheus scrape target: the job manager keeps the farm's metrics (monitoring/metrics.py)."""
+        return Response(await self.manager.metrics_text.remote(), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/healthz")
     async def healthz(self):
         return {"status": "ok"}
@@ -263,6 +445,44 @@ class FarmApi:
         if not ready["ready"]:
             return error_response(503, "not_ready", "no worker replica is running yet (models loading?)")
         return {"status": "ready", "replicas": ready["replicas"]}
+
+    @app.post("/v1/estimate", responses=ERROR_RESPONSES,
+              openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
+                  "type": "object", "properties": {"width": {"type": "integer"}, "height": {"type": "integer"}},
+                  "description": "The fields of POST /v1/jobs (no image; prompt optional) plus the image's size."}}}}})
+    async def estimate(self, request: Request):
+        """What a request would cost, before it is submitted: `{fits, reason, vram_class, gpu,
+        vram_bytes, seconds, width, height, num_frames, fps, duration_s, params}`.
+
+        The body is JSON: the request fields (presets apply) plus the image's `width` and `height`
+        (default: square). Placement is the one `POST /v1/jobs` makes: the smallest of the farm's
+        classes that holds the peak-VRAM estimate; `seconds` is the cost model's time on that
+        class's GPU. A job no class can hold answers `fits: false` and the reason (no error).
+        """
+        try:
+            data = json.loads(await request.body() or b"{}")
+        except ValueError as exc:
+            raise ApiError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise ApiError("the JSON body must be an object", code="invalid_json")
+        data.pop("image", None)  # only its size matters, and that is width/height
+        return estimate_request(self.settings, data)
+
+    @app.get("/v1/info")
+    async def info(self):
+        """The model (with a note when its output is noise or a placeholder, and how to point the
+        farm at real weights), presets, field ranges, image limits, prompt tips and examples, and
+        the farm's VRAM classes: what a client shows before asking."""
+        return farm_info(self.settings)
+
+    @app.get("/", include_in_schema=False)
+    async def page(self):
+        """The web page."""
+        return web_file("index.html")
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def page_asset(self, name: str):
+        return web_file(name)
 
     async def _job(self, job_id: str) -> dict[str, Any]:
         job = await self.manager.get.remote(job_id)

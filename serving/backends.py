@@ -20,6 +20,7 @@ from cluster.vram_classes import VramClass
 from pipeline.errors import GenerationCanceled, OutOfMemory
 from pipeline.images import load_image
 from pipeline.request import GenerationParams, output_size
+from pipeline.video import poster_jpeg
 
 from .config import FarmSettings
 
@@ -36,6 +37,8 @@ class BackendResult:
     """The parameter record (`params.json`): settings, model, device, timings, peak memory."""
     peak_vram_bytes: int | None
     """Peak accelerator memory; None on CPU (the record then holds the process's peak RSS)."""
+    poster: bytes
+    """The first frame as a JPEG."""
 
 
 class ModelBackend:
@@ -62,7 +65,8 @@ class ModelBackend:
             progress=progress, cancel=cancel,
         )
         peak = out.record["peak_memory_bytes"] if out.record["peak_memory_kind"].startswith("cuda") else None
-        return BackendResult(video_path=out.video_path, record=out.record, peak_vram_bytes=peak)
+        return BackendResult(video_path=out.video_path, record=out.record, peak_vram_bytes=peak,
+                             poster=poster_jpeg(out.result.frames[0]))
 
 
 class SimBackend:
@@ -129,7 +133,8 @@ class SimBackend:
             "peak_memory_kind": "simulated",
             "output": {k: video[k] for k in ("bytes", "frames", "width", "height", "fps", "codec")},
         }
-        return BackendResult(video_path=Path(video["path"]), record=record, peak_vram_bytes=peak)
+        return BackendResult(video_path=Path(video["path"]), record=record, peak_vram_bytes=peak,
+                             poster=poster_jpeg(frames[0]))
 
 
 def _sim_frames(count: int, width: int, height: int, seed: int) -> np.ndarray:

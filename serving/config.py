@@ -38,6 +38,23 @@ class FarmSettings(BaseModel):
     host: str = Field("127.0.0.1", description="HTTP address to listen on (loopback by default).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
     storage_url: str = Field("file://./outputs", description="Where results land: `file://DIR` or `s3://BUCKET`.")
+    s3_endpoint: str = Field("", description="S3/MinIO `host:port` workers and the API use (s3:// storage).")
+    s3_access_key: str = Field("", repr=False, description="S3 access key.")
+    s3_secret_key: str = Field("", repr=False, description="S3 secret key (never logged or recorded).")
+    s3_secure: bool = Field(False, description="TLS to the S3 endpoint.")
+    s3_region: str = Field("us-east-1", description="S3 region (MinIO ignores it; presigning needs one).")
+    s3_public_endpoint: str = Field(
+        "", description="`[https://]host:port` clients reach, for presigned URLs (default: s3_endpoint)."
+    )
+    presign_expiry_s: int = Field(3600, ge=60, le=7 * 24 * 3600, description="Lifetime of presigned video URLs.")
+    spool_dir: str = Field(
+        "",
+        description="Node-local directory where finished results wait while storage is unreachable "
+        "(default: `spool/` in the model cache, $I2V_CACHE_DIR or ~/.cache/i2v-farm).",
+    )
+    retention_days: float | None = Field(
+        None, gt=0, description="`i2v-farm gc` default: delete results older than this (None: keep)."
+    )
     job_db: str = Field(
         "./outputs/jobs.sqlite3", description="Durable job store (SQLite file on the head node)."
     )
@@ -103,6 +120,16 @@ class FarmSettings(BaseModel):
         return self.model_copy(update=update)
 
 
+#: Settings also read from MinIO's usual environment variables (I2V_* wins).
+MINIO_ENV = {
+    "s3_endpoint": ("MINIO_ENDPOINT",),
+    "s3_access_key": ("MINIO_ACCESS_KEY", "MINIO_ROOT_USER"),
+    "s3_secret_key": ("MINIO_SECRET_KEY", "MINIO_ROOT_PASSWORD"),
+    "s3_secure": ("MINIO_SECURE",),
+    "s3_region": ("MINIO_REGION",),
+}
+
+
 def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> FarmSettings:
     """Settings from `I2V_CONFIG` (file), `I2V_*` variables and `overrides` (None values ignored)."""
     env = dict(os.environ if env is None else env)
@@ -110,6 +137,11 @@ def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] |
     path = env.get("I2V_CONFIG")
     if path:
         data.update(_read_file(Path(path)))
+    for name, var in MINIO_ENV.items():  # MinIO's own variable names, as a fallback
+        for candidate in var:
+            if env.get(candidate):
+                data[name] = env[candidate]
+                break
     for name in FarmSettings.model_fields:
         value = env.get("I2V_" + name.upper())
         if value is not None and value != "":
@@ -125,7 +157,8 @@ def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] |
 
 def _env_value(name: str, value: str) -> Any:
     field = FarmSettings.model_fields[name]
-    if field.annotation in (str,) or name in ("model", "host", "storage_url", "job_db", "dtype"):
+    if field.annotation in (str,) or name in ("model", "host", "storage_url", "job_db", "dtype") \
+            or name.startswith("s3_") and name != "s3_secure" or name == "spool_dir":
         return value
     if value.lstrip()[:1] in "[{":
         return json.loads(value)

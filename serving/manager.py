@@ -13,20 +13,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import I2VError
 from pipeline.request import parse_params
 
+from monitoring.metrics import FarmMetrics
+
 from .backends import SIM
 from .config import FarmSettings
 from .job_store import TERMINAL, JobStore
 from .scheduler import Backlogged, Fail, NoClassFits, QueuedJob, Retry, Scheduler, estimate_job
-from .storage import INPUT_NAMES, job_key, open_storage
+from .storage import INPUT_NAMES, job_prefix
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +68,11 @@ class JobManager:
         self.classes = self.settings.active_classes
         self.workers = workers  # class name -> DeploymentHandle of its Worker deployment
         self.store = JobStore(self.settings.job_db)
-        self.storage = open_storage(self.settings.storage_url)
+        self.metrics = FarmMetrics(self.classes)  # served at GET /metrics (monitoring/metrics.py)
+        # Inputs wait here, beside the job store on the head node, until a worker has stored
+        # them with the results: accepting a job never depends on the object store being up.
+        self.inbox = Path(self.settings.job_db).parent / "inbox"
+        self.inbox.mkdir(parents=True, exist_ok=True)
         self.scheduler = Scheduler(
             self.classes,
             backlog_limit=self.settings.backlog_limit,
@@ -88,6 +96,8 @@ class JobManager:
         last = max((r["seq"] for r in pending), default=0)
         self._seq = itertools.count(last + 1)
         for rec in pending:
+            if rec.get("detail") == "uploading":
+                continue  # rendered; its worker's uploader reports when storage has the files
             try:
                 home = self.scheduler.place(rec["estimate"]["vram_bytes"])
                 raised = rec.get("home_class")  # an OOM retry moved it to a larger class
@@ -126,6 +136,7 @@ class JobManager:
         try:
             return self._submit(fields, image, image_format, width, height, idempotency_key)
         except I2VError as exc:
+            self.metrics.job_rejected(exc.code)
             return _error_reply(exc)
 
     def _submit(self, fields, image, image_format, width, height, idempotency_key):
@@ -154,8 +165,10 @@ class JobManager:
         except Backlogged as exc:
             raise FarmError(exc.message, code="backlogged", http_status=429, retry_after=exc.retry_after) from None
         try:
-            input_key = job_key(job_id, INPUT_NAMES.get(image_format, "input.bin"))
-            self.storage.put_bytes(input_key, image, f"image/{image_format}")
+            created_at = _now()
+            prefix = job_prefix(job_id, created_at)
+            input_name = INPUT_NAMES[image_format]
+            _write_durably(self._inbox_path(job_id), image)
             record = {
                 "id": job_id,
                 "status": "queued",
@@ -165,8 +178,9 @@ class JobManager:
                 "params": params.model_dump(),
                 "estimate": {"vram_bytes": vram, "seconds": round(seconds[home], 2),
                              "seconds_by_class": {k: round(v, 2) for k, v in seconds.items()}},
-                "input": {"key": input_key, "width": width, "height": height, "format": image_format,
-                          "bytes": len(image)},
+                "prefix": prefix,
+                "input": {"key": prefix + input_name, "name": input_name, "width": width, "height": height,
+                          "format": image_format, "bytes": len(image)},
                 "output_size": {"width": out_w, "height": out_h},
                 "timings": {},
                 "peak_vram_bytes": None,
@@ -174,25 +188,31 @@ class JobManager:
                 "error": None,
                 "attempts": 0,
                 "home_class": home,
-                "created_at": _now(),
+                "created_at": created_at,
             }
             record, created = self.store.create(record, idempotency_key=idempotency_key or None)
         except BaseException:
             self.scheduler.remove(job_id)
+            self._inbox_path(job_id).unlink(missing_ok=True)
             raise
-        if not created:  # same Idempotency-Key: the job made the first time
+        if not created:  # same Idempotency-Key (a concurrent retry): the job made the first time
             self.scheduler.remove(job_id)
-            self.storage_delete_quiet(job_id)
+            self._inbox_path(job_id).unlink(missing_ok=True)
         self._wake.set()
+        if created:
+            self.metrics.job_submitted(home, params.resolution)
         return {"job": self._view(record), "created": created}
 
-    def storage_delete_quiet(self, job_id: str) -> None:
-        delete = getattr(self.storage, "delete_prefix", None)
-        if delete:
-            try:
-                delete(job_id + "/")
-            except Exception:  # noqa: BLE001
-                log.warning("could not delete inputs of duplicate job %s", job_id)
+    def _inbox_path(self, job_id: str) -> Path:
+        return self.inbox / job_id
+
+    def upload_finished(self, job_id: str, done: dict[str, Any]) -> bool:
+        """A worker's uploader stored a spooled job's results: the job has succeeded."""
+        rec = self.store.get(job_id)
+        if rec is None or rec["status"] != "running" or rec.get("detail") != "uploading":
+            return False
+        self._succeed(job_id, rec, done, rec.get("attempts", 0))
+        return True
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         rec = self.store.get(job_id)
@@ -219,8 +239,10 @@ class JobManager:
                 run.task.cancel()
         else:
             self.scheduler.remove(job_id)
-        rec = self.store.update(job_id, status="canceled", finished_at=_now(),
+        rec = self.store.update(job_id, status="canceled", finished_at=_now(), detail=None,
                                 error={"code": "canceled", "message": "canceled by request"})
+        self.metrics.job_finished(rec)
+        self._inbox_path(job_id).unlink(missing_ok=True)
         self._wake.set()
         return {"job": self._view(rec)}
 
@@ -257,6 +279,10 @@ class JobManager:
     def ready(self) -> dict[str, Any]:
         running = {c: s.get("RUNNING", 0) for c, s in self.replicas.items()}
         return {"ready": any(running.values()), "replicas": running}
+
+    def metrics_text(self) -> bytes:
+        """Prometheus exposition of the farm's metrics (the ingress serves it at GET /metrics)."""
+        return self.metrics.render(self.cluster(), self.replicas)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -327,6 +353,7 @@ class JobManager:
             rec = self.store.update(job.id, status="running", vram_class=vram_class, started_at=_now(),
                                     spilled=vram_class != job.home, node=None,
                                     progress={"step": 0, "total": None})
+            self.metrics.job_started(job.id, job.home, rec.get("created_at"))
             run.task = asyncio.get_running_loop().create_task(self._execute(run, rec))
 
     async def _execute(self, run: Running, rec: dict[str, Any]) -> None:
@@ -337,9 +364,9 @@ class JobManager:
         kind, message = None, ""
         started = time.monotonic()
         try:
-            image = await asyncio.to_thread(self.storage.get_bytes, rec["input"]["key"])
+            image = await asyncio.to_thread(self._inbox_path(job.id).read_bytes)
             payload = {"id": job.id, "params": rec["params"], "image": image, "attempt": job.attempts + 1,
-                       "input_key": rec["input"]["key"]}
+                       "prefix": rec["prefix"], "input_name": rec["input"]["name"]}
             run.stream = self.workers[run.vram_class].options(stream=True).run.remote(payload)
             if run.cancel_requested:
                 run.stream.cancel()
@@ -357,6 +384,8 @@ class JobManager:
         finally:
             self.running.pop(job.id, None)
             self._wake.set()
+        self.metrics.attempt_ended(run.vram_class, "canceled" if run.cancel_requested else kind,
+                                   time.monotonic() - started)
         if run.cancel_requested or kind in (None, "done", "canceled"):
             return
         self._on_failure(run, kind, message)
@@ -365,6 +394,7 @@ class JobManager:
         """Apply one worker event; returns a failure kind ("oom", "error") or "done"/None."""
         job = run.job
         kind = event.get("event")
+        self.metrics.worker_event(run.vram_class, event)
         if run.cancel_requested:
             return None
         if kind == "started":
@@ -373,13 +403,16 @@ class JobManager:
         elif kind == "progress":
             self.store.update(job.id, progress={"step": event["step"], "total": event["total"]})
         elif kind == "done":
-            steps = self.store.get(job.id)["params"]["num_inference_steps"]
-            timings = {**event["timings"], "queue_to_finish": round(time.monotonic() - started, 3)}
-            self.store.update(
-                job.id, status="succeeded", finished_at=_now(), result=event["result"], timings=timings,
-                peak_vram_bytes=event["peak_vram_bytes"], device=event.get("device"), attempts=job.attempts + 1,
-                progress={"step": steps, "total": steps},
-            )
+            event = {**event, "timings": {**event["timings"], "run": round(time.monotonic() - started, 3)}}
+            rec = self.store.get(job.id)
+            if event.get("uploaded", True):
+                self._succeed(job.id, rec, event, job.attempts + 1)
+            else:  # rendered, but storage is unreachable: the files wait in the worker's spool
+                self.store.update(job.id, detail="uploading", attempts=job.attempts + 1,
+                                  upload_error=event.get("upload_error"), timings=event["timings"],
+                                  peak_vram_bytes=event["peak_vram_bytes"],
+                                  progress={"step": rec["params"]["num_inference_steps"],
+                                            "total": rec["params"]["num_inference_steps"]})
             return "done"
         elif kind == "canceled":
             return "canceled"
@@ -387,11 +420,22 @@ class JobManager:
             return "oom" if event.get("code") == "out_of_memory" else "error"
         return None
 
+    def _succeed(self, job_id: str, rec: dict[str, Any], done: dict[str, Any], attempts: int) -> None:
+        steps = rec["params"]["num_inference_steps"]
+        self.store.update(
+            job_id, status="succeeded", detail=None, finished_at=_now(), result=done["result"],
+            timings=done["timings"], peak_vram_bytes=done["peak_vram_bytes"], device=done.get("device"),
+            attempts=attempts, progress={"step": steps, "total": steps},
+        )
+        self.metrics.job_finished(self.store.get(job_id))
+        self._inbox_path(job_id).unlink(missing_ok=True)
+
     def _on_failure(self, run: Running, kind: str, message: str) -> None:
         job = run.job
         if kind == "oom":
             job.home = run.vram_class  # retry on the class above the one that ran out
         decision = self.scheduler.on_failure(job, kind, message)
+        self.metrics.attempt_failed(job.id, run.vram_class, kind, retried=isinstance(decision, Retry))
         failure = {"code": {"oom": "out_of_memory"}.get(kind, kind), "message": message,
                    "vram_class": run.vram_class, "node": run.node}
         rec = self.store.get(job.id) or {}
@@ -405,6 +449,8 @@ class JobManager:
             assert isinstance(decision, Fail)
             self.store.update(job.id, status="failed", finished_at=_now(), attempts=job.attempts,
                               failures=history, error={"code": decision.code, "message": decision.message})
+            self.metrics.job_finished(self.store.get(job.id))
+            self._inbox_path(job.id).unlink(missing_ok=True)
 
     # --- views --------------------------------------------------------------------------------
 
@@ -422,6 +468,15 @@ class JobManager:
                 if job.id == job_id:
                     return i + 1
         return None
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _error_reply(exc: I2VError) -> dict[str, Any]:

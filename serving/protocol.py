@@ -57,6 +57,7 @@ class Links(BaseModel):
     video: str
     events: str
     cancel: str
+    poster: str
 
 
 class Job(BaseModel):

@@ -111,9 +111,10 @@ def test_up_serves_jobs_over_http_and_writes_an_mp4(farm_up, tmp_path):
     assert (stream["width"], stream["height"]) == (job["result"]["width"], job["result"]["height"]) == (584, 440)
     assert int(stream["nb_read_frames"]) == 8 and stream["codec_name"] == "h264"
     # results land under ./outputs of the directory the farm was started in
-    stored = cwd / "outputs" / job["id"]
+    stored = cwd / "outputs" / job["prefix"]
     assert (stored / "video.mp4").read_bytes() == video.content
     assert (stored / "params.json").is_file() and (stored / "input.png").is_file()
+    assert (stored / "poster.jpg").read_bytes()[:2] == b"\xff\xd8"
 
 
 def test_submit_client_waits_with_a_progress_bar_and_downloads(farm_up, tmp_path):

@@ -7,6 +7,7 @@ a farm restart, and the API's answers as clients meet them.
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -199,10 +200,17 @@ def test_api_answers(farm):
     # the video, the input and params.json are stored under the job's prefix
     done = farm.job(job["id"])
     root = farm.settings.storage_url[len("file://"):]
-    record = json.loads(open(f"{root}/{job['id']}/params.json").read())
+    assert re.fullmatch(r"jobs/\d{4}/\d\d/\d\d/" + job["id"] + "/", done["prefix"])
+    record = json.loads(open(f"{root}/{done['prefix']}params.json").read())
     assert record["params"]["seed"] == job["params"]["seed"] and record["vram_class"] == done["vram_class"]
     assert record["node"] == done["node"] and record["peak_vram_bytes"] == done["peak_vram_bytes"]
-    assert open(f"{root}/{job['id']}/input.png", "rb").read() == png_bytes(120, 90)
+    assert open(f"{root}/{done['prefix']}input.png", "rb").read() == png_bytes(120, 90)
+    poster = farm.session.get(url + done["result"]["poster_url"])
+    assert poster.status_code == 200 and poster.headers["content-type"] == "image/jpeg"
+    assert poster.content[:2] == b"\xff\xd8"
+    # local files are streamed with Range support (browsers seek in videos this way)
+    part = farm.session.get(url + done["result"]["url"], headers={"Range": "bytes=0-99"})
+    assert part.status_code == 206 and len(part.content) == 100
 
     # list: filter and page
     page1 = farm.session.get(url + "/v1/jobs", params={"status": "succeeded", "limit": 2}).json()
