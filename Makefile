@@ -23,6 +23,12 @@ sysdeps:
 	@command -v ffprobe >/dev/null || { \
 	  echo "installing ffmpeg (for ffprobe) with apt-get"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; }
+	@command -v promtool >/dev/null || { \
+	  echo "installing prometheus (+ promtool, for the monitoring tests) with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	@test -x /usr/bin/chromium || { \
+	  echo "installing chromium (for the web page test) with apt-get"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # The farm on the embedded defaults: local Ray, tiny-random model, results in ./outputs,
 # HTTP on 127.0.0.1:8000, in the foreground (Ctrl-C stops it). FARM_ARGS adds flags,

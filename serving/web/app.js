@@ -419,7 +419,11 @@
       }
       if (token !== state.watchToken) return;
       renderJob(job);
-      if (TERMINAL.includes(job.status)) { refreshHistory(); return; }
+      if (TERMINAL.includes(job.status)) {
+        refreshHistory();
+        refreshCluster().then(scheduleEstimate); // the queue line of the estimate
+        return;
+      }
     }
   }
 

@@ -30,7 +30,7 @@ def ray_cluster():
 
     from cluster.simulated import SimulatedCluster
 
-    sim = SimulatedCluster(CLUSTER, head_cpus=4, node_cpus=2).start()
+    sim = SimulatedCluster(CLUSTER, head_cpus=4, node_cpus=2, dashboard=True).start()  # Jobs API
     try:
         sim.connect(namespace="i2v-tests", log_to_driver=False)
         port = _free_port()
