@@ -40,13 +40,14 @@ from pipeline.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
 from pipeline.loading import TINY_RANDOM
 from pipeline.render import TINY_RANDOM_NOTE
 from pipeline.request import (DEFAULT_PRESET, PRESETS, PROMPT_EXAMPLES, PROMPT_TIPS, RESOLUTION_PIXELS,
-                              GenerationParams, output_size)
+                              GenerationParams)
 
 from .config import FarmSettings
 from .protocol import ERROR_RESPONSES, ClusterStatus, Job, JobList, JobRequest
 from .storage import StorageUnavailable, content_type, open_storage
 from .backends import SIM
-from .scheduler import NoClassFits, Scheduler, estimate_job
+from .scheduler import NoClassFits, Scheduler
+from .scheduler import estimate_request as estimate_cost
 
 TERMINAL = ("succeeded", "failed", "canceled")
 EVENT_POLL_S = 0.5
@@ -281,12 +282,9 @@ def estimate_request(settings: FarmSettings, data: dict[str, Any]) -> dict[str, 
     params = parse_params(data)
     if width is None or height is None:
         width = height = RESOLUTION_PIXELS[params.resolution]
-    out_w, out_h = output_size(params.resolution, width, height)
     classes = settings.active_classes
-    vram, seconds = estimate_job(
-        classes, out_w, out_h, params.num_frames, params.num_inference_steps, params.guidance_scale > 1,
-        dtype="float16" if settings.dtype == "auto" else settings.dtype,
-    )
+    out_w, out_h, vram, seconds = estimate_cost(classes, params, width, height, dtype=settings.dtype,
+                                                cpu_offload=settings.cpu_offload)
     reply: dict[str, Any] = {
         "fits": True, "reason": None, "vram_class": None, "gpu": None, "vram_bytes": vram, "seconds": None,
         "width": out_w, "height": out_h, "num_frames": params.num_frames, "fps": params.fps,

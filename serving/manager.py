@@ -29,7 +29,7 @@ from monitoring.metrics import FarmMetrics
 from .backends import SIM
 from .config import FarmSettings
 from .job_store import TERMINAL, JobStore
-from .scheduler import Backlogged, Fail, NoClassFits, QueuedJob, Retry, Scheduler, estimate_job
+from .scheduler import Backlogged, Fail, NoClassFits, QueuedJob, Retry, Scheduler, estimate_request
 from .storage import INPUT_NAMES, job_prefix
 
 log = logging.getLogger(__name__)
@@ -145,13 +145,9 @@ class JobManager:
             if existing is not None:  # a retried request: the job made the first time
                 return {"job": self._view(existing), "created": False}
         params = parse_params(fields).with_seed()
-        from pipeline.request import output_size
-
-        out_w, out_h = output_size(params.resolution, width, height)
-        vram, seconds = estimate_job(
-            self.classes, out_w, out_h, params.num_frames, params.num_inference_steps,
-            params.guidance_scale > 1, dtype="float16" if self.settings.dtype == "auto" else self.settings.dtype,
-        )
+        out_w, out_h, vram, seconds = estimate_request(self.classes, params, width, height,
+                                                       dtype=self.settings.dtype,
+                                                       cpu_offload=self.settings.cpu_offload)
         try:
             home = self.scheduler.place(vram)
         except NoClassFits as exc:

@@ -441,3 +441,20 @@ def estimate_job(
     if vram is None:
         raise ValueError("estimate_job needs at least one VRAM class")
     return vram, seconds
+
+
+def estimate_request(
+    classes: ClassSet, params, image_width: int, image_height: int, *, dtype: str = "auto",
+    cpu_offload: bool = False,
+) -> tuple[int, int, int, dict[str, float]]:
+    """(output width, output height, peak VRAM bytes, seconds per class) of a request: its
+    `GenerationParams` on an image of this size, with the farm's dtype (auto: fp16, as on a GPU)
+    and memory options. What submission and `POST /v1/estimate` both place jobs by."""
+    from pipeline.request import output_size
+
+    out_w, out_h = output_size(params.resolution, image_width, image_height)
+    vram, seconds = estimate_job(
+        classes, out_w, out_h, params.num_frames, params.num_inference_steps, params.guidance_scale > 1,
+        dtype="float16" if dtype == "auto" else dtype, cpu_offload=cpu_offload,
+    )
+    return out_w, out_h, vram, seconds
