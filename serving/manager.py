@@ -346,8 +346,11 @@ class JobManager:
             log.info("dispatch %s (home %s) -> %s; free slots %s", job.id, job.home, vram_class, free)
             run = Running(job=job, vram_class=vram_class)
             self.running[job.id] = run
+            estimate = self.store.get(job.id)["estimate"]
+            # the estimate follows the job: after a spill, seconds on the class it runs on
+            estimate = {**estimate, "seconds": estimate["seconds_by_class"].get(vram_class, estimate["seconds"])}
             rec = self.store.update(job.id, status="running", vram_class=vram_class, started_at=_now(),
-                                    spilled=vram_class != job.home, node=None,
+                                    spilled=vram_class != job.home, node=None, estimate=estimate,
                                     progress={"step": 0, "total": None})
             self.metrics.job_started(job.id, job.home, rec.get("created_at"))
             run.task = asyncio.get_running_loop().create_task(self._execute(run, rec))
@@ -360,16 +363,24 @@ class JobManager:
         kind, message = None, ""
         started = time.monotonic()
         try:
-            image = await asyncio.to_thread(self._inbox_path(job.id).read_bytes)
+            try:
+                image = await asyncio.to_thread(self._inbox_path(job.id).read_bytes)
+            except FileNotFoundError:
+                kind, message = "error", "the job's input image is missing from the job store's inbox"
+                raise _InputMissing from None
             payload = {"id": job.id, "params": rec["params"], "image": image, "attempt": job.attempts + 1,
                        "prefix": rec["prefix"], "input_name": rec["input"]["name"]}
             run.stream = self.workers[run.vram_class].options(stream=True).run.remote(payload)
             if run.cancel_requested:
                 run.stream.cancel()
             async for event in run.stream:
-                kind = self._on_event(run, event, started)
-                if kind is not None:
-                    message = event.get("message", "")
+                outcome = self._on_event(run, event, started)
+                if outcome is not None:
+                    kind, message = outcome, event.get("message", "")
+            if kind is None and not run.cancel_requested:  # the stream ended without a final event
+                kind, message = "worker_died", "the worker's stream ended before the job finished"
+        except _InputMissing:
+            pass
         except (RequestCancelledError, asyncio.CancelledError):
             kind = "canceled"
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
@@ -382,7 +393,7 @@ class JobManager:
             self._wake.set()
         self.metrics.attempt_ended(run.vram_class, "canceled" if run.cancel_requested else kind,
                                    time.monotonic() - started)
-        if run.cancel_requested or kind in (None, "done", "canceled"):
+        if run.cancel_requested or kind in ("done", "canceled"):
             return
         self._on_failure(run, kind, message)
 
@@ -464,6 +475,10 @@ class JobManager:
                 if job.id == job_id:
                     return i + 1
         return None
+
+
+class _InputMissing(Exception):
+    pass
 
 
 def _write_durably(path: Path, data: bytes) -> None:
