@@ -23,6 +23,8 @@ import asyncio
 import base64
 import binascii
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from pipeline.render import TINY_RANDOM_NOTE
 from pipeline.request import (DEFAULT_PRESET, PRESETS, PROMPT_EXAMPLES, PROMPT_TIPS, RESOLUTION_PIXELS,
                               GenerationParams)
 
+from .auth import ANONYMOUS, COOKIE, Caller, RateLimiter, TokenStore, auth_enabled, tokens_path
 from .config import FarmSettings
 from .protocol import ERROR_RESPONSES, ClusterStatus, Job, JobList, JobRequest
 from .storage import StorageUnavailable, content_type, open_storage
@@ -50,6 +53,7 @@ from .scheduler import NoClassFits, Scheduler
 from .scheduler import estimate_request as estimate_cost
 
 TERMINAL = ("succeeded", "failed", "canceled")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 EVENT_POLL_S = 0.5
 
 app = FastAPI(
@@ -80,6 +84,47 @@ async def _i2v_error(request: Request, exc: I2VError) -> JSONResponse:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
     return error_response(exc.status_code, code, str(exc.detail))
+
+
+#: Reachable without a token: the page's shell, health, docs, metrics, the login itself.
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+                          "/metrics", "/v1/info", "/v1/login", "/v1/logout"})
+
+
+class Guard:
+    """Access control of one ingress replica (see `serving.auth`)."""
+
+    def __init__(self, settings: FarmSettings):
+        self.enabled = auth_enabled(settings.auth, settings.host)
+        self.tokens = TokenStore(tokens_path(settings))
+        self.limiter = RateLimiter()
+
+    def token_of(self, request: Request) -> str | None:
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            return header[7:].strip()
+        return request.cookies.get(COOKIE)
+
+
+@app.middleware("http")
+async def _access(request: Request, call_next):
+    guard: Guard | None = getattr(request.app.state, "guard", None)
+    if guard is None or not guard.enabled:
+        request.state.caller = ANONYMOUS
+        return await call_next(request)
+    path = request.url.path
+    caller = guard.tokens.verify(guard.token_of(request))
+    if caller is None and path not in PUBLIC_PATHS and not path.startswith("/ui/"):
+        return error_response(401, "unauthorized",
+                              "a valid API token is required: send `Authorization: Bearer TOKEN` "
+                              "(tokens: `i2v-farm token create NAME` on the farm's head node)",
+                              headers={"WWW-Authenticate": "Bearer"})
+    request.state.caller = caller
+    return await call_next(request)
+
+
+def caller_of(request: Request) -> Caller:
+    return getattr(request.state, "caller", None) or ANONYMOUS
 
 
 @app.exception_handler(RequestValidationError)
@@ -306,6 +351,8 @@ class FarmApi:
         self.manager = manager
         self.settings = FarmSettings.model_validate(settings)
         self.storage = open_storage(self.settings)
+        self.guard = Guard(self.settings)
+        app.state.guard = self.guard
 
     @app.post("/v1/jobs", status_code=202, response_model=Job, responses=ERROR_RESPONSES,
               openapi_extra={"requestBody": {"content": {
@@ -318,13 +365,19 @@ class FarmApi:
 
         Send `Idempotency-Key` to make retries safe: the same key returns the same job.
         """
+        caller = caller_of(request)
+        wait = self.guard.limiter.take(caller)
+        if wait > 0:
+            return error_response(429, "rate_limited",
+                                  f"token {caller.name!r} may submit {caller.rate_per_min:g} jobs per minute",
+                                  headers={"Retry-After": str(max(1, math.ceil(wait)))})
         fields, image_bytes = await _read_submission(request, self.settings.max_image_bytes)
         params = parse_params(fields)  # field errors before the (slower) image check
         image = load_image(image_bytes, max_bytes=self.settings.max_image_bytes)
         reply = await self.manager.submit.remote(
             params.model_dump(exclude_none=True),
             image_bytes, _image_format(image_bytes), image.width, image.height,
-            request.headers.get("idempotency-key"),
+            request.headers.get("idempotency-key"), caller.name, caller.max_active,
         )
         out = _reply(reply)
         if isinstance(out, Response):
@@ -332,28 +385,32 @@ class FarmApi:
         return JSONResponse(_links(out["job"]), status_code=202 if out["created"] else 200)
 
     @app.get("/v1/jobs", response_model=JobList, responses=ERROR_RESPONSES)
-    async def list_jobs(self, status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|canceled)$"),
+    async def list_jobs(self, request: Request,
+                        status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|canceled)$"),
                         limit: int = Query(50, ge=1, le=500), cursor: int | None = Query(None, ge=0)):
-        """Jobs, newest first, optionally of one status; page with `cursor`."""
-        reply = await self.manager.list.remote(status, limit, cursor)
+        """Jobs, newest first, optionally of one status; page with `cursor`. A caller sees their own
+        jobs (an admin token: every job)."""
+        caller = caller_of(request)
+        reply = await self.manager.list.remote(status, limit, cursor, None if caller.admin else caller.name)
         return {"jobs": [_links(j) for j in reply["jobs"]], "next_cursor": reply["next_cursor"]}
 
     @app.get("/v1/jobs/{job_id}", response_model=Job, responses=ERROR_RESPONSES)
-    async def get_job(self, job_id: str):
-        return _links(await self._job(job_id))
+    async def get_job(self, job_id: str, request: Request):
+        return _links(await self._job(job_id, request))
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=Job, responses=ERROR_RESPONSES)
-    async def cancel_job(self, job_id: str):
+    async def cancel_job(self, job_id: str, request: Request):
         """Cancel a queued or running job (a running one stops between denoising steps)."""
+        await self._job(job_id, request)  # exists and is the caller's
         out = _reply(await self.manager.cancel.remote(job_id))
         return out if isinstance(out, Response) else _links(out["job"])
 
     @app.get("/v1/jobs/{job_id}/video", responses={**ERROR_RESPONSES, 200: {"content": {"video/mp4": {}}},
                                                   307: {"description": "Redirect to a presigned URL (S3)"}})
-    async def get_video(self, job_id: str):
+    async def get_video(self, job_id: str, request: Request):
         """The MP4 of a succeeded job: streamed (with Range support) from local storage, or a
         redirect to a presigned URL on S3/MinIO, valid for `presign_expiry_s`."""
-        job = await self._job(job_id)
+        job = await self._job(job_id, request)
         if job["status"] != "succeeded":
             raise ApiError(f"job {job_id} is {job['status']}; the video exists once it has succeeded",
                            code="not_ready", status=409)
@@ -361,9 +418,9 @@ class FarmApi:
 
     @app.get("/v1/jobs/{job_id}/poster", responses={**ERROR_RESPONSES, 200: {"content": {"image/jpeg": {}}},
                                                    307: {"description": "Redirect to a presigned URL (S3)"}})
-    async def get_poster(self, job_id: str):
+    async def get_poster(self, job_id: str, request: Request):
         """The first frame of a succeeded job's video, as a JPEG."""
-        job = await self._job(job_id)
+        job = await self._job(job_id, request)
         if job["status"] != "succeeded" or not job["result"].get("poster_key"):
             raise ApiError(f"job {job_id} is {job['status']}; its poster exists once it has succeeded",
                            code="not_ready", status=409)
@@ -386,10 +443,10 @@ class FarmApi:
         return RedirectResponse(url, status_code=307)
 
     @app.get("/v1/jobs/{job_id}/events", responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
-    async def job_events(self, job_id: str):
+    async def job_events(self, job_id: str, request: Request):
         """Server-sent events: `progress` ({step, total}) and `status` (the whole job) on each
         change, ending after the job reaches succeeded, failed or canceled."""
-        job = await self._job(job_id)
+        job = await self._job(job_id, request)
 
         async def stream():
             last_status, last_progress = None, None
@@ -482,8 +539,32 @@ class FarmApi:
     async def page_asset(self, name: str):
         return web_file(name)
 
-    async def _job(self, job_id: str) -> dict[str, Any]:
-        job = await self.manager.get.remote(job_id)
-        if job is None:
-            raise ApiError(f"no job {job_id}", code="not_found", status=404)
+    async def _job(self, job_id: str, request: Request) -> dict[str, Any]:
+        job = await self.manager.get.remote(job_id) if _JOB_ID.fullmatch(job_id) else None
+        caller = caller_of(request)
+        if job is None or not (caller.admin or job.get("owner") == caller.name):
+            raise ApiError(f"no job {job_id[:64]}", code="not_found", status=404)
         return job
+
+    @app.post("/v1/login", include_in_schema=True, responses=ERROR_RESPONSES)
+    async def login(self, request: Request):
+        """Exchange an API token for an HttpOnly session cookie (what the web page does)."""
+        try:
+            token = (await request.json()).get("token")
+        except Exception:  # noqa: BLE001
+            token = None
+        caller = self.guard.tokens.verify(token if isinstance(token, str) else None)
+        if self.guard.enabled and caller is None:
+            return error_response(401, "unauthorized", "unknown or revoked token", "token")
+        resp = JSONResponse({"name": (caller or ANONYMOUS).name, "admin": (caller or ANONYMOUS).admin,
+                             "auth": self.guard.enabled})
+        if self.guard.enabled:
+            resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/",
+                            secure=request.url.scheme == "https")
+        return resp
+
+    @app.post("/v1/logout", include_in_schema=True)
+    async def logout(self):
+        resp = JSONResponse({"ok": True})
+        resp.delete_cookie(COOKIE, path="/")
+        return resp

@@ -6,6 +6,7 @@
     i2v-farm cancel    cancel a queued or running job
     i2v-farm join      print the `ray start` line that joins this GPU node to a fleet
     i2v-farm gc        delete results older than a cut-off from storage
+    i2v-farm token     create, list or revoke API tokens
     i2v-farm generate  render one image to an MP4 on this machine, no farm (pipeline)
     i2v-farm estimate  predict peak VRAM and time of a request           (pipeline)
 
@@ -22,7 +23,7 @@ from cluster.join import add_join_command
 from pipeline import cli as pipeline_cli
 from pipeline.errors import I2VError
 
-from . import client, launcher, retention
+from . import auth, client, launcher, retention
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_commands(sub)
     add_join_command(sub)
     retention.add_commands(sub)
+    auth.add_commands(sub)
     pipeline_cli.add_commands(sub)
     return parser
 

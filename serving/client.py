@@ -28,7 +28,9 @@ class FarmClientError(I2VError):
 
 
 class FarmClient:
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60):
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 60, token: str | None = None):
+        """`token` (default: $I2V_TOKEN) is sent as `Authorization: Bearer` when the farm wants one."""
+        self.token = token if token is not None else os.environ.get("I2V_TOKEN") or None
         self.url = url.rstrip("/")
         self.timeout = timeout
 
@@ -36,7 +38,9 @@ class FarmClient:
                 headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {self.token}"} if self.token else {}),
+                                              **(headers or {})})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 raw = resp.read()

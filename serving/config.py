@@ -65,6 +65,10 @@ class FarmSettings(BaseModel):
         default_factory=dict,
         description="Per-class replica bounds; a class not listed gets no worker deployment.",
     )
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="API tokens: auto = required whenever `host` is not loopback."
+    )
+    tokens_file: str = Field("", description="Hashed API tokens (default: tokens.json beside the job store).")
     backlog_limit: int = Field(100, ge=1, description="Queued jobs per class before new ones get 429.")
     max_attempts: int = Field(3, ge=1, le=10, description="Tries per job (worker death, out of memory).")
     spill: bool = Field(True, description="Let jobs spill up to a larger idle class when theirs is backed up.")
@@ -115,6 +119,8 @@ class FarmSettings(BaseModel):
     def resolved(self) -> "FarmSettings":
         """Relative paths made absolute (deployments may run with another working directory)."""
         update: dict[str, Any] = {"job_db": str(Path(self.job_db).expanduser().resolve())}
+        if self.tokens_file:
+            update["tokens_file"] = str(Path(self.tokens_file).expanduser().resolve())
         if self.storage_url.startswith("file://"):
             update["storage_url"] = "file://" + str(Path(self.storage_url[len("file://"):]).expanduser().resolve())
         return self.model_copy(update=update)
@@ -157,7 +163,7 @@ def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] |
 
 def _env_value(name: str, value: str) -> Any:
     field = FarmSettings.model_fields[name]
-    if field.annotation in (str,) or name in ("model", "host", "storage_url", "job_db", "dtype") \
+    if field.annotation in (str,) or name in ("model", "host", "storage_url", "job_db", "dtype", "auth", "tokens_file") \
             or name.startswith("s3_") and name != "s3_secure" or name == "spool_dir":
         return value
     if value.lstrip()[:1] in "[{":

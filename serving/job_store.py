@@ -25,10 +25,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT NOT NULL UNIQUE,
     status TEXT NOT NULL,
     idempotency_key TEXT UNIQUE,
+    owner TEXT NOT NULL DEFAULT 'anonymous',
     created_at TEXT NOT NULL,
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, status, seq);
 """
 
 
@@ -42,6 +44,9 @@ class JobStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if columns and "owner" not in columns:  # a store made before tokens existed
+            self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT 'anonymous'")
         self._db.executescript(_SCHEMA)
 
     def close(self) -> None:
@@ -65,8 +70,9 @@ class JobStore:
                 if row:
                     return json.loads(row[0]), False
             cur = self._db.execute(
-                "INSERT INTO jobs (id, status, idempotency_key, created_at, data) VALUES (?, ?, ?, ?, ?)",
-                (record["id"], record["status"], idempotency_key, record["created_at"], "{}"),
+                "INSERT INTO jobs (id, status, idempotency_key, owner, created_at, data) VALUES (?, ?, ?, ?, ?, ?)",
+                (record["id"], record["status"], idempotency_key, record.get("owner", "anonymous"),
+                 record["created_at"], "{}"),
             )
             record = {**record, "seq": cur.lastrowid}
             self._db.execute("UPDATE jobs SET data = ? WHERE id = ?", (json.dumps(record), record["id"]))
@@ -106,10 +112,13 @@ class JobStore:
         return json.loads(row[0]) if row else None
 
     def list(
-        self, status: str | None = None, limit: int = 50, cursor: int | None = None
+        self, status: str | None = None, limit: int = 50, cursor: int | None = None, owner: str | None = None
     ) -> tuple[list[dict[str, Any]], int | None]:
-        """Newest first. `cursor` is the `next_cursor` of the previous page (None: first page)."""
+        """Newest first, optionally one owner's. `cursor` is the `next_cursor` of the previous page."""
         where, args = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
         if status is not None:
             where.append("status = ?")
             args.append(status)
@@ -135,6 +144,14 @@ class JobStore:
                 f"SELECT data FROM jobs WHERE status IN ({marks}) ORDER BY seq", statuses
             ).fetchall()
         return [json.loads(r[0]) for r in rows]
+
+    def count_active(self, owner: str) -> int:
+        """Queued and running jobs of one owner."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')", (owner,)
+            ).fetchone()
+        return row[0]
 
     def counts(self) -> dict[str, int]:
         with self._lock:

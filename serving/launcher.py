@@ -111,6 +111,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     print(f"i2v-farm: model {settings.model}; {what}", flush=True)
     print(f"i2v-farm: results in {settings.storage_url}, jobs in {settings.job_db}", flush=True)
+    from .auth import TokenStore, auth_enabled, tokens_path
+
+    if auth_enabled(settings.auth, settings.host):
+        store = TokenStore(tokens_path(settings))
+        print(f"i2v-farm: API tokens required (listening on {settings.host}); {len(store.entries())} tokens in "
+              f"{store.path}" + ("" if store.entries() else " -- create one: i2v-farm token create NAME"), flush=True)
     stop = _install_signal_handlers()
     cluster = None
     try:

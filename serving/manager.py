@@ -131,20 +131,26 @@ class JobManager:
     # --- requests from the API ----------------------------------------------------------------
 
     def submit(self, fields: dict[str, Any], image: bytes, image_format: str, width: int, height: int,
-               idempotency_key: str | None = None) -> dict[str, Any]:
+               idempotency_key: str | None = None, owner: str = "anonymous",
+               max_active: int | None = None) -> dict[str, Any]:
         """Admit a validated request. Returns {"job", "created"} or {"error", "status", ...}."""
         try:
-            return self._submit(fields, image, image_format, width, height, idempotency_key)
+            return self._submit(fields, image, image_format, width, height,
+                                f"{owner}:{idempotency_key}" if idempotency_key else None, owner, max_active)
         except I2VError as exc:
             self.metrics.job_rejected(exc.code)
             return _error_reply(exc)
 
-    def _submit(self, fields, image, image_format, width, height, idempotency_key):
+    def _submit(self, fields, image, image_format, width, height, idempotency_key, owner, max_active):
         if idempotency_key:
             existing = self.store.find_by_key(idempotency_key)
             if existing is not None:  # a retried request: the job made the first time
                 return {"job": self._view(existing), "created": False}
         params = parse_params(fields).with_seed()
+        if max_active is not None and self.store.count_active(owner) >= max_active:
+            raise FarmError(f"{owner!r} already has {max_active} queued or running jobs (the token's limit); "
+                            "wait for some to finish", code="too_many_active_jobs", http_status=429,
+                            retry_after=30)
         out_w, out_h, vram, seconds = estimate_request(self.classes, params, width, height,
                                                        dtype=self.settings.dtype,
                                                        cpu_offload=self.settings.cpu_offload)
@@ -167,6 +173,7 @@ class JobManager:
             _write_durably(self._inbox_path(job_id), image)
             record = {
                 "id": job_id,
+                "owner": owner,
                 "status": "queued",
                 "vram_class": home,
                 "node": None,
@@ -214,8 +221,9 @@ class JobManager:
         rec = self.store.get(job_id)
         return self._view(rec) if rec else None
 
-    def list(self, status: str | None = None, limit: int = 50, cursor: int | None = None) -> dict[str, Any]:
-        jobs, next_cursor = self.store.list(status=status, limit=limit, cursor=cursor)
+    def list(self, status: str | None = None, limit: int = 50, cursor: int | None = None,
+             owner: str | None = None) -> dict[str, Any]:
+        jobs, next_cursor = self.store.list(status=status, limit=limit, cursor=cursor, owner=owner)
         return {"jobs": [self._view(j) for j in jobs], "next_cursor": next_cursor}
 
     def cancel(self, job_id: str) -> dict[str, Any]:

@@ -111,6 +111,7 @@
     if ((res.headers.get("content-type") || "").includes("application/json")) {
       body = await res.json().catch(() => null);
     }
+    if (res.status === 401 && path !== "v1/login") showLogin();
     if (!res.ok) {
       const err = (body && body.error) || {};
       throw new FarmError({
@@ -120,6 +121,25 @@
       });
     }
     return body;
+  }
+
+  // ---------------------------------------------------------------------------------- sign-in
+
+  function showLogin() {
+    const form = document.getElementById("login");
+    if (!form.hidden) return;
+    form.hidden = false;
+    document.getElementById("token").focus();
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const token = document.getElementById("token").value.trim();
+      try {
+        await api("POST", "v1/login", { json: { token } });  // sets an HttpOnly cookie
+        location.reload();
+      } catch (err) {
+        document.getElementById("login-error").textContent = err.message;
+      }
+    });
   }
 
   // ---------------------------------------------------------------------------------- messages
