@@ -153,15 +153,38 @@ def _links(job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
+async def _read_body(request: Request, limit: int, too_large: str, field: str | None = None) -> bytes:
+    """The whole body, sized up before it is read: refused without a Content-Length (411; Ray
+    Serve's proxy would buffer a chunked upload of any size) or above `limit` bytes (413), and
+    never read past `limit` whatever the header said."""
+    length = request.headers.get("content-length", "")
+    code = "image_too_large" if field == "image" else "request_too_large"
+    if not length.isdigit():
+        raise ApiError("send the request with a Content-Length header (chunked uploads are not accepted)",
+                       code="length_required", status=411)
+    if int(length) > limit:
+        raise ApiError(f"the request is {int(length) / 2**20:.1f} MiB; {too_large}", code=code, status=413,
+                       field=field)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(f"the request is over {limit / 2**20:.1f} MiB; {too_large}", code=code, status=413,
+                           field=field)
+        chunks.append(chunk)
+    request._body = body = b"".join(chunks)  # Starlette's cache of the body: request.form() parses it
+    return body
+
+
 async def _read_submission(request: Request, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     """(fields, image bytes) from a multipart form or a JSON body."""
     ctype = request.headers.get("content-type", "")
-    length = request.headers.get("content-length")
+    media = ctype.partition(";")[0].strip().lower()  # media types are case-insensitive; no prefixes
     # base64 grows the image by 4/3; the other fields are small
-    if length and length.isdigit() and int(length) > max_bytes * 4 // 3 + 2**20:
-        raise ApiError(f"the request is {int(length) / 2**20:.1f} MiB; images may be at most "
-                       f"{max_bytes / 2**20:.0f} MiB", code="image_too_large", status=413, field="image")
-    if ctype.startswith("multipart/form-data") or ctype.startswith("application/x-www-form-urlencoded"):
+    limit = max_bytes * 4 // 3 + 2**20
+    too_large = f"images may be at most {max_bytes / 2**20:.0f} MiB"
+    if media in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        await _read_body(request, limit, too_large, "image")
         try:
             form = await request.form(max_part_size=max_bytes + 1)
         except Exception as exc:  # noqa: BLE001 - a malformed body is the client's error
@@ -178,12 +201,14 @@ async def _read_submission(request: Request, max_bytes: int) -> tuple[dict[str, 
         if image is None:
             raise InvalidRequest("image is required (a JPEG, PNG or WEBP file)", field="image")
         return fields, image
-    if ctype.startswith("application/json") or not ctype:
-        body = await request.body()
+    if media == "application/json" or not media:
+        body = await _read_body(request, limit, too_large, "image")
         try:
             data = json.loads(body or b"null")
         except ValueError as exc:
             raise ApiError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError("the body is not valid JSON: nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError("the JSON body must be an object", code="invalid_json")
         encoded = data.pop("image", None)
@@ -329,7 +354,8 @@ def estimate_request(settings: FarmSettings, data: dict[str, Any]) -> dict[str, 
         width = height = RESOLUTION_PIXELS[params.resolution]
     classes = settings.active_classes
     out_w, out_h, vram, seconds = estimate_cost(classes, params, width, height, dtype=settings.dtype,
-                                                cpu_offload=settings.cpu_offload)
+                                                cpu_offload=settings.cpu_offload,
+                                                decode_chunk_size=settings.decode_chunk_size)
     reply: dict[str, Any] = {
         "fits": True, "reason": None, "vram_class": None, "gpu": None, "vram_bytes": vram, "seconds": None,
         "width": out_w, "height": out_h, "num_frames": params.num_frames, "fps": params.fps,
@@ -515,9 +541,11 @@ class FarmApi:
         class's GPU. A job no class can hold answers `fits: false` and the reason (no error).
         """
         try:
-            data = json.loads(await request.body() or b"{}")
+            data = json.loads(await _read_body(request, 2**20, "an estimate needs only the fields") or b"{}")
         except ValueError as exc:
             raise ApiError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError("the body is not valid JSON: nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise ApiError("the JSON body must be an object", code="invalid_json")
         data.pop("image", None)  # only its size matters, and that is width/height

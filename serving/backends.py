@@ -45,12 +45,13 @@ class ModelBackend:
     """I2VGen-XL through `pipeline` (real weights, or `tiny-random` on CPU)."""
 
     def __init__(self, settings: FarmSettings, vram_class: VramClass):
-        from pipeline.generator import Generator
+        from pipeline.generator import Generator, MemoryOptions
         from pipeline.loading import load_model
 
         self.vram_class = vram_class
         self.model = load_model(settings.model, dtype=settings.dtype, cpu_offload=settings.cpu_offload)
-        self.generator = Generator(self.model)
+        self.generator = Generator(self.model, MemoryOptions(decode_chunk_size=settings.decode_chunk_size,
+                                                             attention=settings.attention))
         self.name = settings.model
 
     def run(

@@ -49,7 +49,9 @@ Design decisions
   (1 s doubling to 30 s); once it has been unreachable for `--unreachable-timeout` seconds the
   rows that need it fail with that error (the run goes on and ends with exit code 1; a re-run
   resumes them). A farm unreachable at start is a usage error (exit 2). Other refusals of a row
-  (`422` no class holds it, ...) make it `invalid` with the farm's error.
+  (`422` no class holds it, ...) make it `invalid` with the farm's error. A row waits for its
+  job as long as the farm works on it (the log mentions rows in flight for over 10 minutes);
+  `--row-timeout` fails it earlier without canceling the job, which the next run picks up.
 * **Image sources.** A relative path is read from the working directory (the directory the
   batch runs in: `--working-dir` of `ray job submit`) and must stay inside it (`..`, absolute
   paths and links leading out are refused). `s3://KEY` is the object `KEY` in the farm's own
@@ -104,6 +106,8 @@ STATUSES = ("succeeded", "failed", "invalid", "skipped", "running", "pending")
 ROW_COLUMNS = ("id", "image")
 #: Rewrite the summary at most this often while rows finish (and always at the end or on stop).
 SUMMARY_EVERY_S = 2.0
+#: A row in flight this long is mentioned in the log (and again each time as long again).
+SLOW_ROW_LOG_S = 600.0
 MAX_ID_CHARS = 200
 TERMINAL = ("succeeded", "failed", "canceled")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -554,6 +558,7 @@ class FarmLink:
         self.max_backoff = max_backoff
         self._lock = threading.Lock()
         self._down_since: float | None = None
+        self._busy_noted: float | None = None
 
     def sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
@@ -569,6 +574,15 @@ class FarmLink:
         if down_for >= self.unreachable_timeout:
             raise RowError("failed", "farm_unreachable",
                            f"the farm at {self.client.url} has been unreachable for {down_for:.0f} s: {reason}")
+
+    def _note_busy(self, message: str) -> None:
+        """Log a 429 wait, at most once a minute (a full backlog answers every row the same)."""
+        with self._lock:
+            now = self.clock()
+            if self._busy_noted is not None and now - self._busy_noted < 60:
+                return
+            self._busy_noted = now
+        self.log(message)
 
     def _up(self) -> None:
         with self._lock:
@@ -593,7 +607,9 @@ class FarmLink:
                 status, payload, hdrs = 502, f"unreadable answer: {exc}", {}
             if status == 429:
                 self._up()
-                self.sleep(_retry_after(hdrs))
+                wait = _retry_after(hdrs)
+                self._note_busy(f"the farm is busy ({_message(payload, status)}); waiting {wait:.0f} s and retrying")
+                self.sleep(wait)
                 continue
             if status in (502, 503, 504):
                 self._down(f"HTTP {status}: {_message(payload, status)}")
@@ -661,13 +677,14 @@ class BatchRun:
 
     def __init__(self, rows: list[Row], client: Any, storage: Any, prefix: str, *, concurrency: int = 4,
                  poll_s: float = 1.0, unreachable_timeout: float = 300.0, max_attempts: int = 3,
-                 manifest: str = "", out=None, stop: threading.Event | None = None):
+                 manifest: str = "", out=None, stop: threading.Event | None = None, row_timeout: float = 0):
         self.rows = rows
         self.client = client
         self.storage = storage
         self.prefix = prefix
         self.concurrency = max(1, concurrency)
         self.poll_s = poll_s
+        self.row_timeout = row_timeout
         self.max_attempts = max_attempts
         self.manifest = manifest
         self.out = out or sys.stdout
@@ -750,7 +767,19 @@ class BatchRun:
             return job
 
     def _wait(self, row: Row, job: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        next_note = SLOW_ROW_LOG_S
         while job.get("status") not in TERMINAL:
+            waited = time.monotonic() - t0
+            if self.row_timeout and waited > self.row_timeout:
+                raise RowError("failed", "row_timeout",
+                               f"job {job['id']} still {job.get('status')} after {waited:.0f} s (--row-timeout); "
+                               "it goes on on the farm, and the next run picks it up")
+            if waited > next_note:
+                progress = job.get("progress") or {}
+                self.log(f"line {row.line} [{row.id}]: job {job['id']} still {job.get('status')} after "
+                         f"{waited:.0f} s (step {progress.get('step', 0)} of {progress.get('total', '?')})")
+                next_note += SLOW_ROW_LOG_S
             self.link.sleep(self.poll_s)
             status, payload = self.link.call("GET", f"/v1/jobs/{job['id']}")
             if status == 404:
@@ -759,6 +788,8 @@ class BatchRun:
                 raise RowError("failed", _error(payload, status)["code"],
                                f"cannot follow job {job['id']}: {_message(payload, status)}")
             job = payload
+            with self.lock:
+                row.job_status, row.vram_class = job.get("status"), job.get("vram_class") or row.vram_class
         return job
 
     def _run_row(self, row: Row) -> None:
@@ -973,6 +1004,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail the rows that need the farm after it has been unreachable this long (default 300)")
     p.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",
                    help="how long to wait for the farm to answer at start (default 30)")
+    p.add_argument("--row-timeout", type=float, default=0, metavar="S",
+                   help="fail a row whose farm job has not ended after this long (default 0: wait as long as "
+                        "the farm works on it); the job is not canceled, the next run picks it up")
     p.add_argument("--poll", type=float, default=1.0, metavar="S", help="seconds between job status polls (default 1)")
     p.add_argument("--download-timeout", type=float, default=30.0, metavar="S",
                    help="timeout of http(s) image downloads (default 30)")
@@ -1002,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix=args.out, concurrency=args.concurrency, priority=args.priority,
             max_attempts=args.max_attempts, unreachable_timeout=args.unreachable_timeout, poll_s=args.poll,
             download_timeout=args.download_timeout, connect_timeout=args.connect_timeout, manifest_rows=mrows,
+            row_timeout=args.row_timeout,
         )
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -1015,7 +1050,7 @@ def run_batch(manifest: str | os.PathLike, *, client: Any, storage: Any, root: P
               stop: threading.Event | None = None, prefix: str | None = None, concurrency: int = 4,
               priority: str | None = None, max_attempts: int = 3, unreachable_timeout: float = 300.0,
               poll_s: float = 1.0, download_timeout: float = 30.0, connect_timeout: float = 30.0,
-              manifest_rows: list[ManifestRow] | None = None) -> int:
+              manifest_rows: list[ManifestRow] | None = None, row_timeout: float = 0) -> int:
     """Run one batch: check the rows, skip what an earlier run did, render the rest, write the
     summary. Returns the exit code; raises `UsageError` when nothing can run."""
     out = out or sys.stdout
@@ -1053,7 +1088,7 @@ def run_batch(manifest: str | os.PathLike, *, client: Any, storage: Any, root: P
         plan_rows(rows, previous, video_exists, max_attempts)
         run = BatchRun(rows, client, storage, prefix, concurrency=concurrency, poll_s=poll_s,
                        unreachable_timeout=unreachable_timeout, max_attempts=max_attempts,
-                       manifest=str(manifest), out=out, stop=stop)
+                       manifest=str(manifest), out=out, stop=stop, row_timeout=row_timeout)
         before = run.counts()
         print(f"{before['pending']} to render, {before['skipped']} already done, {before['invalid']} invalid"
               + (f", {before['failed']} failed too often to retry" if before["failed"] else ""), file=out, flush=True)

@@ -76,6 +76,12 @@ class FarmSettings(BaseModel):
         "auto", description="Model dtype: auto = fp16 on GPU, fp32 on CPU."
     )
     cpu_offload: bool = Field(False, description="diffusers model CPU offload (less VRAM, slower).")
+    attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernels of the workers.")
+    decode_chunk_size: int = Field(1, ge=1, le=32, description="Frames the VAE decodes at once (more: faster, more VRAM).")
+    node_autoscaling: bool = Field(
+        False, description="The Ray cluster adds GPU nodes on demand: request replicas for queued work even "
+        "when no GPU of the class is free.",
+    )
     sim_time_scale: float = Field(
         0.01, gt=0, le=10, description="`sim` model: fraction of the cost model's predicted seconds to sleep."
     )
@@ -163,7 +169,7 @@ def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] |
 
 def _env_value(name: str, value: str) -> Any:
     field = FarmSettings.model_fields[name]
-    if field.annotation in (str,) or name in ("model", "host", "storage_url", "job_db", "dtype", "auth", "tokens_file") \
+    if field.annotation in (str,) or name in ("model", "host", "storage_url", "job_db", "dtype", "auth", "tokens_file", "attention") \
             or name.startswith("s3_") and name != "s3_secure" or name == "spool_dir":
         return value
     if value.lstrip()[:1] in "[{":

@@ -129,10 +129,14 @@ class JobManager:
         )
 
     # --- requests from the API ----------------------------------------------------------------
+    # These are `async` on purpose: Serve runs a deployment's plain `def` methods in a thread pool,
+    # where they would race the dispatch loop over the scheduler's queues and the running set (a
+    # job popped before its record was written was lost). As coroutines without an `await` they
+    # run on this replica's event loop, one at a time, between the loop's own steps.
 
-    def submit(self, fields: dict[str, Any], image: bytes, image_format: str, width: int, height: int,
-               idempotency_key: str | None = None, owner: str = "anonymous",
-               max_active: int | None = None) -> dict[str, Any]:
+    async def submit(self, fields: dict[str, Any], image: bytes, image_format: str, width: int, height: int,
+                     idempotency_key: str | None = None, owner: str = "anonymous",
+                     max_active: int | None = None) -> dict[str, Any]:
         """Admit a validated request. Returns {"job", "created"} or {"error", "status", ...}."""
         try:
             return self._submit(fields, image, image_format, width, height,
@@ -153,7 +157,8 @@ class JobManager:
                             retry_after=30)
         out_w, out_h, vram, seconds = estimate_request(self.classes, params, width, height,
                                                        dtype=self.settings.dtype,
-                                                       cpu_offload=self.settings.cpu_offload)
+                                                       cpu_offload=self.settings.cpu_offload,
+                                                       decode_chunk_size=self.settings.decode_chunk_size)
         try:
             home = self.scheduler.place(vram)
         except NoClassFits as exc:
@@ -209,7 +214,7 @@ class JobManager:
     def _inbox_path(self, job_id: str) -> Path:
         return self.inbox / job_id
 
-    def upload_finished(self, job_id: str, done: dict[str, Any]) -> bool:
+    async def upload_finished(self, job_id: str, done: dict[str, Any]) -> bool:
         """A worker's uploader stored a spooled job's results: the job has succeeded."""
         rec = self.store.get(job_id)
         if rec is None or rec["status"] != "running" or rec.get("detail") != "uploading":
@@ -217,16 +222,16 @@ class JobManager:
         self._succeed(job_id, rec, done, rec.get("attempts", 0))
         return True
 
-    def get(self, job_id: str) -> dict[str, Any] | None:
+    async def get(self, job_id: str) -> dict[str, Any] | None:
         rec = self.store.get(job_id)
         return self._view(rec) if rec else None
 
-    def list(self, status: str | None = None, limit: int = 50, cursor: int | None = None,
-             owner: str | None = None) -> dict[str, Any]:
+    async def list(self, status: str | None = None, limit: int = 50, cursor: int | None = None,
+                   owner: str | None = None) -> dict[str, Any]:
         jobs, next_cursor = self.store.list(status=status, limit=limit, cursor=cursor, owner=owner)
         return {"jobs": [self._view(j) for j in jobs], "next_cursor": next_cursor}
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
+    async def cancel(self, job_id: str) -> dict[str, Any]:
         rec = self.store.get(job_id)
         if rec is None:
             return _error_reply(FarmError(f"no job {job_id}", code="not_found", http_status=404))
@@ -250,7 +255,7 @@ class JobManager:
         self._wake.set()
         return {"job": self._view(rec)}
 
-    def cluster(self) -> dict[str, Any]:
+    async def cluster(self) -> dict[str, Any]:
         backlog = self.scheduler.backlog()
         busy = self._busy()
         classes = []
@@ -280,13 +285,13 @@ class JobManager:
             "backlog_limit": self.settings.backlog_limit,
         }
 
-    def ready(self) -> dict[str, Any]:
+    async def ready(self) -> dict[str, Any]:
         running = {c: s.get("RUNNING", 0) for c, s in self.replicas.items()}
         return {"ready": any(running.values()), "replicas": running}
 
-    def metrics_text(self) -> bytes:
+    async def metrics_text(self) -> bytes:
         """Prometheus exposition of the farm's metrics (the ingress serves it at GET /metrics)."""
-        return self.metrics.render(self.cluster(), self.replicas)
+        return self.metrics.render(await self.cluster(), self.replicas)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -341,7 +346,8 @@ class JobManager:
             # one job more than it has replicas: its autoscaler then adds a replica.
             total = running + states.get("STARTING", 0)
             if (slots <= 0 and backlog.get(c.name, 0) > 0 and total < self.settings.workers[c.name].max_replicas
-                    and busy.get(c.name, 0) <= total and self.free_gpus.get(c.resource, 0) >= 1):
+                    and busy.get(c.name, 0) <= total
+                    and (self.free_gpus.get(c.resource, 0) >= 1 or self.settings.node_autoscaling)):
                 slots = 1
             free[c.name] = max(0, slots)
         return free

@@ -445,7 +445,7 @@ def estimate_job(
 
 def estimate_request(
     classes: ClassSet, params, image_width: int, image_height: int, *, dtype: str = "auto",
-    cpu_offload: bool = False,
+    cpu_offload: bool = False, decode_chunk_size: int = 1,
 ) -> tuple[int, int, int, dict[str, float]]:
     """(output width, output height, peak VRAM bytes, seconds per class) of a request: its
     `GenerationParams` on an image of this size, with the farm's dtype (auto: fp16, as on a GPU)
@@ -455,6 +455,6 @@ def estimate_request(
     out_w, out_h = output_size(params.resolution, image_width, image_height)
     vram, seconds = estimate_job(
         classes, out_w, out_h, params.num_frames, params.num_inference_steps, params.guidance_scale > 1,
-        dtype="float16" if dtype == "auto" else dtype, cpu_offload=cpu_offload,
+        dtype="float16" if dtype == "auto" else dtype, decode_chunk_size=decode_chunk_size, cpu_offload=cpu_offload,
     )
     return out_w, out_h, vram, seconds
