@@ -219,6 +219,8 @@ class SimulatedCluster:
             # leave the cluster without its API server (job submission) and log an error.
             dashboard_host=LOOPBACK,
             dashboard_port=_free_port(),
+            # the head's dashboard agent serves the Jobs API; Ray's fixed 52365 may be another Ray's
+            dashboard_agent_listen_port=_free_port(),
         )
 
     def _class_node_args(self, name: str) -> dict:

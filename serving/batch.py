@@ -35,8 +35,8 @@ Design decisions
   a row that was in flight when the run stopped is resubmitted under the same key, and the farm
   answers with the job it already has (running or finished) instead of rendering it again. So
   even a summary write lost to a `SIGKILL` costs no render. A row whose farm job `failed` (or was
-  canceled) is tried again by the next run under the next key, at most `--max-attempts` farm
-  jobs per row across runs (within one run the farm's own retries apply: worker death, out of
+  canceled) is tried again by the next run under the next key, until `--max-attempts` of its
+  farm jobs have failed (within one run the farm's own retries apply: worker death, out of
   memory on the next larger class, `max_attempts`). A row whose video was deleted since
   (`i2v-farm gc`) renders again.
 * **Summary written as it goes.** `summary.jsonl`/`summary.json` are rewritten at most every
@@ -102,8 +102,6 @@ SUMMARY_ROWS = "summary.jsonl"
 SUMMARY_COUNTS = "summary.json"
 #: Row statuses in the summary (`running`/`pending` only in the summary of a stopped run).
 STATUSES = ("succeeded", "failed", "invalid", "skipped", "running", "pending")
-#: Columns that are not request fields.
-ROW_COLUMNS = ("id", "image")
 #: Rewrite the summary at most this often while rows finish (and always at the end or on stop).
 SUMMARY_EVERY_S = 2.0
 #: A row in flight this long is mentioned in the log (and again each time as long again).
@@ -379,6 +377,7 @@ class Row:
     image_sha256: str | None = None
     image_path: Path | None = None  # where the bytes are read again at submission
     attempt: int = 0  # Idempotency-Key counter of the row's latest farm job (0: none yet)
+    failures: int = 0  # farm jobs of this row (this content) that ended failed or canceled, all runs
     job_id: str | None = None
     job_status: str | None = None  # the farm job's status as last seen
     vram_class: str | None = None
@@ -400,7 +399,7 @@ class Row:
             "image": self.image if isinstance(self.image, (str, type(None))) else repr(self.image),
             "job_id": self.job_id, "job_status": self.job_status, "vram_class": self.vram_class,
             "video_key": self.video_key, "seed": self.seed,
-            "error": self.error, "attempt": self.attempt, "digest": self.digest,
+            "error": self.error, "attempt": self.attempt, "failures": self.failures, "digest": self.digest,
             "submitted_at": self.submitted_at, "finished_at": self.finished_at, "seconds": self.seconds,
             "timings": self.timings, "note": self.note,
         }
@@ -508,6 +507,7 @@ def plan_rows(rows: list[Row], previous: dict[str, dict[str, Any]], video_exists
             row.attempt = 1  # new, or its content changed under the same explicit id
             continue
         attempt = int(prev.get("attempt") or 0)
+        row.failures = int(prev.get("failures") or 0)
         if prev.get("status") in ("succeeded", "skipped") and prev.get("video_key"):
             exists = video_exists(prev["video_key"])
             if exists:
@@ -520,18 +520,21 @@ def plan_rows(rows: list[Row], previous: dict[str, dict[str, Any]], video_exists
         elif prev.get("job_status") in ("failed", "canceled"):
             attempt += 1  # the farm job ended badly (after the farm's own retries): a fresh job
         row.attempt = max(1, attempt)
-        if row.attempt > max_attempts:
+        if row.failures >= max_attempts:
             _carry(row, prev)
-            row.attempt = int(prev.get("attempt") or 0)
-            last = (prev.get("error") or {}).get("message") or "unknown"
-            row.fail(RowError("failed", (prev.get("error") or {}).get("code") or "gave_up",
-                              f"failed on the farm in {row.attempt} attempts (last: {last}); not retried: "
-                              "raise --max-attempts to try again"))
+            row.fail(_gave_up(row.failures, prev.get("error")))
+
+
+def _gave_up(failures: int, error: dict[str, Any] | None) -> RowError:
+    error = error or {}
+    return RowError("failed", error.get("code") or "gave_up",
+                    f"{failures} farm jobs of this row failed (last: {error.get('message') or 'unknown'}); "
+                    "not retried: raise --max-attempts to try again")
 
 
 def _carry(row: Row, prev: dict[str, Any]) -> None:
-    for name in ("job_id", "job_status", "vram_class", "video_key", "seed", "attempt", "submitted_at",
-                 "finished_at", "seconds", "timings"):
+    for name in ("job_id", "job_status", "vram_class", "video_key", "seed", "attempt", "failures", "error",
+                 "submitted_at", "finished_at", "seconds", "timings"):
         setattr(row, name, prev.get(name))
 
 
@@ -623,6 +626,12 @@ class FarmLink:
                 continue
             self._up()
             return status, payload
+
+
+def _job_error(job: dict[str, Any]) -> dict[str, Any]:
+    err = job.get("error") or {}
+    return {"code": err.get("code") or job["status"], "message": err.get("message") or f"job {job['status']}",
+            "field": None}
 
 
 def _retry_after(headers: dict[str, str]) -> float:
@@ -741,10 +750,6 @@ class BatchRun:
         body = {**row.fields, "image": base64.b64encode(image).decode()}
         attempt = row.attempt
         while True:
-            if attempt > self.max_attempts:
-                raise RowError("failed", row.error["code"] if row.error else "gave_up",
-                               f"failed on the farm in {self.max_attempts} attempts"
-                               + (f" (last: {row.error['message']})" if row.error else ""))
             status, job = self.link.call("POST", "/v1/jobs", body,
                                          {"Idempotency-Key": idempotency_key(self.prefix, row, attempt)})
             if status >= 400:
@@ -759,9 +764,10 @@ class BatchRun:
             if status == 200 and job.get("status") in ("failed", "canceled"):
                 # an earlier run's job under this key ended badly: the next key makes a new job
                 with self.lock:
-                    err = job.get("error") or {}
-                    row.error = {"code": err.get("code") or job["status"],
-                                 "message": err.get("message") or f"job {job['status']}", "field": None}
+                    row.error = _job_error(job)
+                    row.failures += 1
+                if row.failures >= self.max_attempts:
+                    raise _gave_up(row.failures, row.error)
                 attempt += 1
                 continue
             return job
@@ -814,10 +820,8 @@ class BatchRun:
                 row.status, row.error = "succeeded", None
                 row.video_key = (job.get("result") or {}).get("key")
             else:
-                err = job.get("error") or {}
-                row.status = "failed"
-                row.error = {"code": err.get("code") or job["status"],
-                             "message": err.get("message") or f"job {job['status']}", "field": None}
+                row.status, row.error = "failed", _job_error(job)
+                row.failures += 1
 
     def _worker(self, todo: queue.Queue) -> None:
         while not self.stop.is_set():
@@ -999,7 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=os.environ.get("I2V_URL", DEFAULT_URL),
                    help=f"farm URL (default {DEFAULT_URL}, env I2V_URL)")
     p.add_argument("--max-attempts", type=int, default=3, metavar="N",
-                   help="farm jobs per row across runs before a failing row is no longer retried (default 3)")
+                   help="give a row up once this many of its farm jobs failed, across runs (default 3)")
     p.add_argument("--unreachable-timeout", type=float, default=300.0, metavar="S",
                    help="fail the rows that need the farm after it has been unreachable this long (default 300)")
     p.add_argument("--connect-timeout", type=float, default=30.0, metavar="S",

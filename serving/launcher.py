@@ -53,6 +53,8 @@ def add_commands(subparsers) -> None:
                     help="sim model: fraction of the predicted seconds to sleep (default 0.01)")
     up.add_argument("--no-spill", dest="spill", action="store_const", const=False,
                     help="pin every job to its own class (no spill-up)")
+    up.add_argument("--dashboard", action="store_true",
+                    help="start Ray's dashboard (for `ray job submit` batch jobs; prints its address)")
     up.set_defaults(func=cmd_up)
 
 
@@ -120,7 +122,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     stop = _install_signal_handlers()
     cluster = None
     try:
-        cluster = _start_ray(counts, simulated=bool(args.simulate) or not _has_gpus(what))
+        cluster = _start_ray(counts, simulated=bool(args.simulate) or not _has_gpus(what),
+                             dashboard=getattr(args, "dashboard", False))
         _start_serve(settings)
         url = f"http://{settings.host}:{settings.port}"
         _wait_ready(url, stop)
@@ -152,19 +155,23 @@ def _install_signal_handlers() -> dict[str, bool]:
     return stop
 
 
-def _start_ray(counts: dict[str, int], simulated: bool):
+def _start_ray(counts: dict[str, int], simulated: bool, dashboard: bool = False):
     import ray
 
     from cluster.vram_classes import default_classes
 
     if simulated:
-        cluster = SimulatedCluster(counts).start()
+        cluster = SimulatedCluster(counts, dashboard=dashboard).start()
         cluster.connect(namespace="i2v-farm", log_to_driver=False)
+        if dashboard:
+            print(f"i2v-farm: Ray dashboard (ray job submit --address) at {cluster.dashboard_url}", flush=True)
         return cluster
     classes = default_classes()
     resources = {HEAD_RESOURCE: 1, **{classes[c].resource: n for c, n in counts.items()}}
-    ray.init(num_gpus=sum(counts.values()), resources=resources, namespace="i2v-farm",
-             _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    context = ray.init(num_gpus=sum(counts.values()), resources=resources, namespace="i2v-farm",
+                       _node_ip_address="127.0.0.1", include_dashboard=dashboard, log_to_driver=False)
+    if dashboard:
+        print(f"i2v-farm: Ray dashboard (ray job submit --address) at http://{context.dashboard_url}", flush=True)
     return None
 
 

@@ -190,7 +190,8 @@ def test_repeated_rows_get_numbered_ids_and_a_repeated_explicit_id_is_invalid(wo
                         {"id": 42, "image": "img/b.png", "prompt": "x"}), workdir, storage, tmp_path)
     assert rows[2].id == rows[0].id + "-2"
     assert rows[1].id == "sku-1" and rows[1].status == "pending"
-    assert rows[3].status == "invalid" and rows[3].error["code"] == "duplicate_id" and "line 2" in rows[3].error["message"]
+    assert rows[3].status == "invalid" and rows[3].error["code"] == "duplicate_id"
+    assert "line 2" in rows[3].error["message"]
     assert rows[4].id == "42"
 
 
@@ -323,6 +324,7 @@ def test_a_failed_row_exits_1_and_the_next_run_tries_a_fresh_job_up_to_max_attem
     assert code == 1 and farm.created == 3 and lines[1]["attempt"] == 2
     code, lines, _, log = _run(workdir, farm, storage, manifest, max_attempts=2)  # no third attempt
     assert code == 1 and farm.created == 3 and "not retried" in lines[1]["error"]["message"]
+    assert lines[1]["failures"] == 2 and lines[1]["error"]["code"] == "out_of_memory"
     farm.fail_prompts.clear()
     code, lines, summary, _ = _run(workdir, farm, storage, manifest, max_attempts=3)
     assert code == 0 and farm.created == 4 and lines[1]["status"] == "succeeded" and lines[1]["attempt"] == 3
@@ -388,6 +390,40 @@ def test_a_stopped_run_keeps_what_finished_and_the_next_run_renders_nothing_twic
     farm.hold.set()
     code, lines, summary, _ = _run(workdir, farm, storage, manifest)
     assert code == 0 and summary["counts"]["succeeded"] == 3 and farm.created == 3  # the 2 picked up again
+
+
+def test_a_job_that_failed_after_its_run_stopped_is_tried_again_under_the_next_key(workdir, farm, storage):
+    manifest = _manifest(workdir, VALID[:1])
+    farm.hold.clear()
+    stop = threading.Event()
+    t = threading.Thread(target=run_batch, args=(manifest,), kwargs=dict(
+        client=farm, storage=storage, root=workdir, out=io.StringIO(), stop=stop, poll_s=0.01))
+    t.start()
+    deadline = time.monotonic() + 10
+    while farm.created < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    stop.set()
+    t.join(10)
+    [job_id] = farm.jobs
+    farm.fail_prompts.add("waves")
+    farm.hold.set()
+    farm._get(job_id)
+    assert farm._get(job_id)[1]["status"] == "failed"  # while no batch ran
+    farm.fail_prompts.clear()
+    code, lines, _, _ = _run(workdir, farm, storage, manifest)
+    assert code == 0 and farm.created == 2
+    assert lines[0]["status"] == "succeeded" and lines[0]["attempt"] == 2 and lines[0]["failures"] == 1
+
+
+def test_row_timeout_fails_the_row_and_the_next_run_picks_its_job_up(workdir, farm, storage):
+    manifest = _manifest(workdir, VALID[:1])
+    farm.hold.clear()
+    code, lines, _, log = _run(workdir, farm, storage, manifest, row_timeout=0.2)
+    assert code == 1 and lines[0]["error"]["code"] == "row_timeout" and lines[0]["job_status"] == "running"
+    farm.hold.set()
+    code, lines, _, _ = _run(workdir, farm, storage, manifest)
+    assert code == 0 and farm.created == 1 and lines[0]["status"] == "succeeded"
 
 
 def test_a_deleted_video_renders_again_and_a_changed_image_is_a_new_row(workdir, farm, storage):
