@@ -91,7 +91,7 @@ class GenerationParams(BaseModel):
             return data
         data = {k: v for k, v in data.items() if v is not None and v != ""}
         preset = data.get("preset") or DEFAULT_PRESET
-        if preset in PRESETS:
+        if isinstance(preset, str) and preset in PRESETS:  # a list or dict is refused by the field check
             for key, value in PRESETS[preset].items():
                 data.setdefault(key, value)
         return data

@@ -347,6 +347,9 @@ def estimate_request(settings: FarmSettings, data: dict[str, Any]) -> dict[str, 
     data = dict(data)
     width = _image_side(data.pop("width", None), "width")
     height = _image_side(data.pop("height", None), "height")
+    if width and height and max(width, height) / min(width, height) > MAX_ASPECT_RATIO:  # as POST /v1/jobs would
+        raise InvalidRequest(f"an image of {width}x{height} would be refused: its aspect ratio may be at most "
+                             f"{MAX_ASPECT_RATIO:g}:1 either way", field="width" if width > height else "height")
     if not str(data.get("prompt") or "").strip():
         data["prompt"] = "(estimate)"  # the estimate does not depend on the prompt
     params = parse_params(data)
@@ -413,7 +416,8 @@ class FarmApi:
     @app.get("/v1/jobs", response_model=JobList, responses=ERROR_RESPONSES)
     async def list_jobs(self, request: Request,
                         status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|canceled)$"),
-                        limit: int = Query(50, ge=1, le=500), cursor: int | None = Query(None, ge=0)):
+                        limit: int = Query(50, ge=1, le=500),
+                        cursor: int | None = Query(None, ge=0, le=2**63 - 1)):  # a SQLite integer
         """Jobs, newest first, optionally of one status; page with `cursor`. A caller sees their own
         jobs (an admin token: every job)."""
         caller = caller_of(request)

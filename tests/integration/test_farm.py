@@ -227,7 +227,7 @@ def test_api_answers(farm):
     info = farm.cluster()
     assert [c["name"] for c in info["classes"]] == ["12gb", "24gb"]
     assert {c["name"]: c["replicas"]["running"] for c in info["classes"]} == {"12gb": 2, "24gb": 1}
-    gpu_nodes = [n for n in info["nodes"] if n["gpus"]]
+    gpu_nodes = [n for n in info["nodes"] if n["gpus"] and n["alive"]]
     assert sorted(n["vram_classes"][0] for n in gpu_nodes) == ["12gb", "12gb", "24gb"]
     assert all(n["address"] == "127.0.0.1" for n in info["nodes"])
     spec = farm.session.get(url + "/openapi.json").json()
