@@ -334,8 +334,10 @@ def test_job_urls_never_reach_files_or_5xx(farm, job_id, tail):
     method = "POST" if tail == "/cancel" else "GET"
     r = farm.session.request(method, url, timeout=60, allow_redirects=False)
     check_answer(r)
-    if r.status_code == 307:  # `/v1/jobs/.` is `/v1/jobs/` to the client: redirected to the list
-        assert urllib.parse.urlsplit(r.headers["location"]).path == "/v1/jobs", (url, r.headers)
+    if r.status_code == 307:  # trailing-slash redirects (`/v1/jobs/.` -> the list, `x//` -> `x`) stay in the API
+        location = urllib.parse.urlsplit(r.headers["location"])
+        assert location.netloc in ("", urllib.parse.urlsplit(farm.url).netloc), (url, r.headers)
+        assert location.path.startswith("/v1/jobs") and ".." not in location.path.replace("....", ""), (url, r.headers)
     else:
         assert r.status_code in (404, 405, 422), (url, r.status_code, r.text[:300])
 
