@@ -39,11 +39,26 @@ CancelFn = Callable[[], bool]
 
 @dataclass(frozen=True)
 class MemoryOptions:
-    """Memory/speed settings of a worker (fixed per replica, not per request)."""
+    """Memory/speed settings of a worker (fixed per replica, not per request).
+
+    The speed levers below the first three are off by default: each is measured alone and
+    together by `python -m bench.generation` (CPU) and `python -m bench.generation_gpu` (GPU),
+    see docs/benchmarks.md; turn one on for a worker class only once it has paid there. They
+    change the loaded model in place (one `Generator` per loaded model). `params.json` records
+    all of them (`memory_options`).
+    """
 
     decode_chunk_size: int = 1  # frames decoded by the VAE at once: more is faster, needs more memory
     vae_slicing: bool = True  # encode/decode batch items one at a time
     attention: str = "sdpa"  # "sdpa" (torch scaled_dot_product_attention) or "xformers"
+    channels_last: bool = False  # 2D convolution weights of the UNet and VAE in NHWC (same result)
+    fuse_qkv: bool = False  # one projection for q, k, v (k, v in cross-attention); sdpa only (same result)
+    compile: bool = False  # torch.compile the UNet; each new shape compiles on first use (`warm_up`)
+    # Pyramid Attention Broadcast (diffusers' hook): inside the timestep range below, a spatial
+    # self-attention layer computes on 1 step in `attention_cache` and reuses its output on the
+    # others. 0 = off. CHANGES THE OUTPUT (a quality/speed trade; see docs/benchmarks.md).
+    attention_cache: int = 0
+    attention_cache_timesteps: tuple[int, int] = (100, 800)
 
 
 @dataclass
@@ -79,6 +94,7 @@ class Generator:
         self.model = model
         self.pipe = model.pipe
         self.options = options or MemoryOptions()
+        self._check_options(self.options)
         self._lock = threading.Lock()
         if self.options.attention == "xformers":
             self.pipe.enable_xformers_memory_efficient_attention()
@@ -90,6 +106,57 @@ class Generator:
             raise ValueError(f"attention must be 'sdpa' or 'xformers', got {self.options.attention!r}")
         if self.options.vae_slicing:
             self.pipe.vae.enable_slicing()
+        self._timestep: int | None = None  # the denoising step's timestep (read by the attention cache)
+        self._apply_speed_options()
+
+    @staticmethod
+    def _check_options(o: MemoryOptions) -> None:
+        """Refuse contradictory options before anything touches the model."""
+        if o.fuse_qkv and o.attention != "sdpa":
+            raise ValueError("fuse_qkv needs attention='sdpa' (diffusers' fused processor is SDPA)")
+        if o.attention_cache and o.attention_cache < 2:
+            raise ValueError("attention_cache must be 0 (off) or a skip range >= 2")
+
+    def _apply_speed_options(self) -> None:
+        import torch
+
+        o, unet = self.options, self.pipe.unet
+        if o.fuse_qkv:
+            unet.fuse_qkv_projections()
+        if o.channels_last:
+            # Module.to(memory_format=...) refuses the UNet's 5D temporal convolutions; only the
+            # 2D convolutions (the bulk of the FLOPs outside attention) take NHWC weights.
+            for module in (*unet.modules(), *self.pipe.vae.modules()):
+                if isinstance(module, torch.nn.Conv2d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+        if o.attention_cache:
+            from diffusers.hooks import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+
+            apply_pyramid_attention_broadcast(unet, PyramidAttentionBroadcastConfig(
+                spatial_attention_block_skip_range=o.attention_cache,
+                spatial_attention_timestep_skip_range=tuple(o.attention_cache_timesteps),
+                # the UNet's spatial transformers (not `temp_attentions`, not `transformer_in`)
+                spatial_attention_block_identifiers=(r"(^|\.)attentions\.\d+\.transformer_blocks",),
+                current_timestep_callback=lambda: -1 if self._timestep is None else self._timestep,
+            ))
+        if o.compile:
+            unet.compile()
+
+    def _reset_attention_cache(self) -> None:
+        """Forget the attention cache's step count and cached outputs (per job: a stale output
+        of another job, or of another shape, must never be reused)."""
+        if self.options.attention_cache:
+            from diffusers.hooks import HookRegistry
+
+            HookRegistry.check_if_exists_or_initialize(self.pipe.unet).reset_stateful_hooks(recurse=True)
+
+    def warm_up(self, image: PIL.Image.Image, params: GenerationParams, size: tuple[int, int] | None = None) -> float:
+        """Run one 1-step job of this shape (compiles it when `compile` is on); returns seconds.
+
+        Call on replica start for the shapes the class serves, so no user's job pays for it."""
+        started = time.perf_counter()
+        self.generate(image, params.model_copy(update={"num_inference_steps": 1}), size=size)
+        return time.perf_counter() - started
 
     @property
     def device(self):
@@ -168,8 +235,10 @@ class Generator:
 
         started = time.perf_counter()
         total = len(scheduler.timesteps)
+        self._reset_attention_cache()
         for i, t in enumerate(scheduler.timesteps):
             self._check_cancel(cancel)
+            self._timestep = int(t)
             model_input = torch.cat([latents] * 2) if guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
             noise_pred = pipe.unet(
@@ -192,6 +261,8 @@ class Generator:
             latents = latents[None, :].reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
             if progress is not None:
                 progress(i + 1, total)
+        self._timestep = None
+        self._reset_attention_cache()  # drop the cached attention outputs before the decode
         self._synchronize()
         timings["denoise"] = time.perf_counter() - started
 

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 REPLICA_REFRESH_S = 1.0
 DISPATCH_TICK_S = 0.25
+PROGRESS_SAVE_S = 2.0
 
 
 class FarmError(I2VError):
@@ -60,6 +61,7 @@ class Running:
     cancel_requested: bool = False
     progress: dict[str, int] = field(default_factory=dict)
     node: str | None = None
+    progress_saved_at: float = 0.0
 
 
 class JobManager:
@@ -229,7 +231,8 @@ class JobManager:
     async def list(self, status: str | None = None, limit: int = 50, cursor: int | None = None,
                    owner: str | None = None) -> dict[str, Any]:
         jobs, next_cursor = self.store.list(status=status, limit=limit, cursor=cursor, owner=owner)
-        return {"jobs": [self._view(j) for j in jobs], "next_cursor": next_cursor}
+        positions = self._queue_positions() if any(j["status"] == "queued" for j in jobs) else {}
+        return {"jobs": [self._view(j, positions) for j in jobs], "next_cursor": next_cursor}
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         rec = self.store.get(job_id)
@@ -422,7 +425,13 @@ class JobManager:
             run.node = event["node"]
             self.store.update(job.id, node=event["node"], replica=event.get("replica"))
         elif kind == "progress":
-            self.store.update(job.id, progress={"step": event["step"], "total": event["total"]})
+            # Kept in memory (what GET shows); written to the store at most every PROGRESS_SAVE_S:
+            # a durable write per denoising step halved the manager's throughput.
+            run.progress = {"step": event["step"], "total": event["total"]}
+            now = time.monotonic()
+            if now - run.progress_saved_at >= PROGRESS_SAVE_S or event["step"] == event["total"]:
+                self.store.update(job.id, progress=run.progress)
+                run.progress_saved_at = now
         elif kind == "done":
             event = {**event, "timings": {**event["timings"], "run": round(time.monotonic() - started, 3)}}
             rec = self.store.get(job.id)
@@ -475,13 +484,21 @@ class JobManager:
 
     # --- views --------------------------------------------------------------------------------
 
-    def _view(self, rec: dict[str, Any]) -> dict[str, Any]:
+    def _view(self, rec: dict[str, Any], positions: dict[str, int] | None = None) -> dict[str, Any]:
         """The job as clients see it."""
         out = {k: v for k, v in rec.items() if k not in ("seq",)}
         out["estimate"] = {k: v for k, v in rec["estimate"].items() if k != "seconds_by_class"}
+        run = self.running.get(rec["id"])
+        if rec["status"] == "running" and run is not None and run.progress:
+            out["progress"] = dict(run.progress)
         if rec["status"] == "queued":
-            out["queue_position"] = self._queue_position(rec["id"])
+            out["queue_position"] = (positions.get(rec["id"]) if positions is not None
+                                     else self._queue_position(rec["id"]))
         return out
+
+    def _queue_positions(self) -> dict[str, int]:
+        """Queue position of every queued job (one sort per class, for a whole page)."""
+        return {job.id: i + 1 for c in self.classes.names for i, job in enumerate(self.scheduler.queued(c))}
 
     def _queue_position(self, job_id: str) -> int | None:
         for c in self.classes.names:

@@ -1,0 +1,89 @@
+"""`bench.generation_gpu` without a GPU: its arguments, its FLOP/MFU arithmetic, `--help`,
+`--dry-run` (the plan on the meta device) and `--cpu-smoke` (every code path on the tiny model; slow)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.generation_gpu import Shape, mfu, parse_choice_list, parse_shapes, peak_tflops_for, unet_flops_per_step
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shapes_parse_with_and_without_steps():
+    assert parse_shapes("512x512x16@50,1024x1024x16") == [Shape(512, 512, 16, 50), Shape(1024, 1024, 16, 50)]
+    assert parse_shapes("768x512x24@10", default_steps=4)[0].label == "768x512x24@10"
+    for bad in ("512x512", "512x512x16@0", "500x512x16", "512x512x4", "512x512x64", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_shapes(bad)
+
+
+def test_choice_lists_reject_unknown_names():
+    assert parse_choice_list("fuse_qkv,compile", ("fuse_qkv", "compile"), "--levers") == ["fuse_qkv", "compile"]
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown"):
+        parse_choice_list("fuse_qkv,warp_drive", ("fuse_qkv",), "--levers")
+
+
+def test_peak_tflops_by_device_name():
+    assert peak_tflops_for("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops_for("NVIDIA H100 PCIe") == 756.0  # the PCIe card, before the generic H100
+    assert peak_tflops_for("NVIDIA H200") == 989.0
+    assert peak_tflops_for("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops_for("NVIDIA GeForce RTX 4090") == 165.2
+    assert peak_tflops_for("Some Future GPU") is None
+
+
+def test_mfu_is_achieved_flops_over_peak():
+    flops = unet_flops_per_step(512, 512, 16)
+    assert flops == pytest.approx(41.9e12, rel=0.01)  # README: 41.9 TFLOP per step at 512x512x16 with CFG
+    achieved, util = mfu(flops, 0.1, 989.0)
+    assert achieved == pytest.approx(flops / 0.1 / 1e12)
+    assert util == pytest.approx(achieved / 989.0)
+    assert unet_flops_per_step(512, 512, 16, guidance=False) == pytest.approx(flops / 2, rel=1e-6)
+
+
+def _run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bench.generation_gpu", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_works():
+    r = _run("--help")
+    assert r.returncode == 0 and "--dry-run" in r.stdout and "full-size" in r.stdout
+
+
+def test_dry_run_validates_the_plan_on_the_meta_device():
+    r = _run("--dry-run", "--shapes", "512x512x16@50,1024x1024x16@10", "--gpu", "h100-80gb")
+    assert r.returncode == 0, r.stderr
+    assert "2.49 B parameters" in r.stdout and "512x512x16@50" in r.stdout and "ok:" in r.stdout
+    bad = _run("--dry-run", "--levers", "warp_drive")
+    assert bad.returncode != 0 and "unknown" in bad.stderr
+
+
+def test_without_a_gpu_it_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    r = _run("--parts", "stock")
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr
+
+
+@pytest.mark.slow
+def test_cpu_smoke_runs_every_part(tmp_path):
+    import json
+
+    r = _run("--cpu-smoke", "--shapes", "64x64x8@2", "--levers", "cfg_split,fuse_qkv,attention_cache",
+             "--solver-steps", "3", "--json", str(tmp_path / "g.json"), "--memory-json", str(tmp_path / "m.json"),
+             timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert all("error" not in row for part in ("stock", "levers", "solvers", "memory") for row in data[part])
+    assert [row["lever"] for row in data["levers"]] == ["baseline", "cfg_split", "fuse_qkv", "attention_cache"]
+    assert data["stock"][0]["max_diff"] <= 1
+    assert "calibration" in json.loads((tmp_path / "m.json").read_text())
