@@ -148,7 +148,7 @@ def farm(counts: dict[str, int], workdir: Path, jobs: int, time_scale: float) ->
     import requests
     from ray import serve
 
-    from bench.scheduler import _free_port
+    from cluster.simulated import free_port
     from cluster.simulated import SimulatedCluster
     from serving.app import APP_NAME, build
     from serving.config import load_settings
@@ -158,7 +158,7 @@ def farm(counts: dict[str, int], workdir: Path, jobs: int, time_scale: float) ->
     sim = SimulatedCluster(spec, head_cpus=4, node_cpus=2).start()
     try:
         sim.connect(namespace="i2v-bench-control", log_to_driver=False, logging_level=logging.WARNING)
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         overrides = {

@@ -89,7 +89,6 @@ import json
 import logging
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -103,6 +102,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from cluster.simulated import free_port
 
 CLUSTER = {"12gb": 2, "24gb": 1}
 #: Square input image: every resolution renders N x N (512x512, 768x768, 1024x1024).
@@ -321,12 +322,6 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def png_bytes(side: int = IMAGE_SIDE) -> bytes:
     """A small deterministic square PNG (the input image of every job)."""
     import PIL.Image
@@ -350,7 +345,7 @@ def simulated_farm_cluster() -> Iterator[int]:
     sim = SimulatedCluster(spec, head_cpus=4, node_cpus=2).start()
     try:
         sim.connect(namespace="i2v-bench", log_to_driver=False, logging_level=logging.WARNING)
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "deployed", "deleting" chatter
         yield port

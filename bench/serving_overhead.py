@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.generation import describe_machine, machine, median, spread, table
+from cluster.simulated import free_port
 
 TARGET_PERCENT = 5.0
 TARGET_SECONDS = 0.100
@@ -162,12 +163,6 @@ class InProcess:
                 "timings": result.record["timings"]}
 
 
-def _free_port() -> int:
-    from bench.scheduler import _free_port as free
-
-    return free()
-
-
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU seconds of a process (this one when `pid` is None), all its threads."""
     if pid is None:
@@ -255,7 +250,7 @@ def cluster(node_cpus: int, worker_niceness: int | None = None) -> Iterator[Any]
             os.environ[NICENESS_ENV] = saved
     try:
         sim.connect(namespace="i2v-bench-overhead", log_to_driver=False, logging_level=logging.WARNING)
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         yield sim, port

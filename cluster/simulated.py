@@ -43,7 +43,8 @@ FAKE_GPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE
 MiB = 1024**2
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback right now (for Ray, Serve and test servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
@@ -218,9 +219,9 @@ class SimulatedCluster:
             # Ray's default 8265 may be taken by another Ray on this machine; a taken port would
             # leave the cluster without its API server (job submission) and log an error.
             dashboard_host=LOOPBACK,
-            dashboard_port=_free_port(),
+            dashboard_port=free_port(),
             # the head's dashboard agent serves the Jobs API; Ray's fixed 52365 may be another Ray's
-            dashboard_agent_listen_port=_free_port(),
+            dashboard_agent_listen_port=free_port(),
         )
 
     def _class_node_args(self, name: str) -> dict:

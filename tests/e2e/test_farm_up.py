@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,15 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from cluster.simulated import free_port
 from tests.helpers import ffprobe, make_image
 
 CLI = [sys.executable, "-m", "serving.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
@@ -72,7 +66,7 @@ class Proc:
 def farm_up(tmp_path_factory):
     """`i2v-farm up` with the embedded defaults (tiny-random, ./outputs), on a free port."""
     cwd = tmp_path_factory.mktemp("farm-up")
-    port = _free_port()
+    port = free_port()
     proc = Proc(["up", "--port", str(port)], cwd)
     try:
         proc.wait_for("ready at", timeout=240)
@@ -142,7 +136,7 @@ def test_up_refuses_a_taken_port(farm_up, tmp_path):
 
 
 def test_ctrl_c_stops_the_farm(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = Proc(["up", "--port", str(port), "--model", "sim", "--simulate", "12gb:1"], tmp_path)
     proc.wait_for("ready at", timeout=240)
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.e2e.test_farm_up import Proc, _free_port
+from cluster.simulated import free_port
+from tests.e2e.test_farm_up import Proc
 from tests.helpers import ffprobe, make_image
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -30,7 +31,7 @@ VIDEO_PLAYING = """() => { const v = document.getElementById('video');
 @pytest.fixture(scope="module")
 def farm(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("farm-web")
-    port = _free_port()
+    port = free_port()
     proc = Proc(["up", "--port", str(port)], cwd)
     try:
         proc.wait_for("ready at", timeout=240)

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 from dataclasses import dataclass, field
 
 import pytest
 import requests
 
+from cluster.simulated import free_port
 from tests.helpers import make_image
 
 CLUSTER = "12gb:2,24gb:1"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +27,7 @@ def ray_cluster():
     sim = SimulatedCluster(CLUSTER, head_cpus=4, node_cpus=2, dashboard=True).start()  # Jobs API
     try:
         sim.connect(namespace="i2v-tests", log_to_driver=False)
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         yield sim, port
     finally:

@@ -7,14 +7,10 @@ import subprocess
 import sys
 import time
 
+from cluster.simulated import free_port
+
 ACCESS_KEY = "test-access-key"
 SECRET_KEY = "test-secret-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:

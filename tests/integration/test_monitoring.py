@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import ray
 import requests
 import yaml
 
+from cluster.simulated import free_port
 from tests.integration.conftest import deploy, undeploy
 
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
@@ -43,12 +43,6 @@ REQUIRED = [
     "i2v_oom_total", "i2v_job_retries_total", "i2v_storage_upload_failures_total", "i2v_vram_class_memory_bytes",
     "i2v_jobs", "i2v_denoising_steps_total", "i2v_jobs_rejected_total",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:
@@ -117,7 +111,7 @@ def prometheus(farm, tmp_path_factory):
             job["file_sd_configs"][0]["files"] = [str(sd)]
             job.update(scrape_interval="5s", scrape_timeout="5s")
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = tmp / "prometheus.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
