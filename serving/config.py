@@ -69,6 +69,33 @@ class FarmSettings(BaseModel):
         "auto", description="API tokens: auto = required whenever `host` is not loopback."
     )
     tokens_file: str = Field("", description="Hashed API tokens (default: tokens.json beside the job store).")
+    ray_auth: Literal["token", "off"] = Field(
+        "token", description="Ray's own authentication for the Ray cluster the farm starts (`RAY_AUTH_MODE=token`).",
+    )
+    ray_token_file: str = Field(
+        "", description="The Ray cluster token (default: ray_token beside the job store; made 0600 on first start).",
+    )
+    session_ttl_s: int = Field(
+        12 * 3600, ge=60, le=30 * 24 * 3600, description="Lifetime of a web page session (`POST /v1/login`).",
+    )
+    max_streams_per_token: int = Field(
+        8, ge=1, le=10000, description="Server-sent event streams one caller may hold open at once (more: 429).",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Addresses/CIDRs of reverse proxies whose X-Forwarded-For/-Proto headers are believed "
+        "(`I2V_TRUSTED_PROXIES`, comma-separated; empty: none).",
+    )
+    api_docs: bool = Field(True, description="Serve the OpenAPI page at /docs (its assets bundled, no CDN).")
+    egress_allow: list[str] = Field(
+        default_factory=list,
+        description="CIDRs/hosts the farm may fetch from although they are loopback, private, link-local or "
+        "metadata addresses (batch image URLs, webhooks); `I2V_EGRESS_ALLOW`, comma-separated.",
+    )
+    file_mode: str = Field(
+        "0600", description="Mode of the files the farm writes (directories get x where r is set): "
+        "0600 = the farm's user only, 0640/0660 for a shared group.",
+    )
     backlog_limit: int = Field(100, ge=1, description="Queued jobs per class before new ones get 429.")
     max_attempts: int = Field(3, ge=1, le=10, description="Tries per job (worker death, out of memory).")
     spill: bool = Field(True, description="Let jobs spill up to a larger idle class when theirs is backed up.")
@@ -91,6 +118,30 @@ class FarmSettings(BaseModel):
     )
     max_image_bytes: int = Field(20 * 2**20, ge=1024, description="Largest accepted upload.")
     worker_cpus: float = Field(1.0, gt=0, description="Logical CPUs each worker replica reserves.")
+
+    @field_validator("file_mode")
+    @classmethod
+    def _file_mode(cls, value: str) -> str:
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise ValueError("must be an octal mode such as 0600 or 0640") from None
+        if mode & ~0o666 or not mode & 0o600 == 0o600:
+            raise ValueError("must give the owner read+write and no execute bits, e.g. 0600, 0640, 0660")
+        if mode & 0o006:
+            raise ValueError("must not give others access (use a group: 0640 or 0660)")
+        return "0" + format(mode, "o")
+
+    @property
+    def file_mode_bits(self) -> int:
+        """`file_mode` as an int (0o600)."""
+        return int(self.file_mode, 8)
+
+    @property
+    def dir_mode_bits(self) -> int:
+        """Directory mode from `file_mode`: x wherever r is set (0o600 -> 0o700, 0o640 -> 0o750)."""
+        mode = self.file_mode_bits
+        return mode | ((mode & 0o444) >> 2)
 
     @field_validator("storage_url")
     @classmethod
@@ -127,6 +178,8 @@ class FarmSettings(BaseModel):
         update: dict[str, Any] = {"job_db": str(Path(self.job_db).expanduser().resolve())}
         if self.tokens_file:
             update["tokens_file"] = str(Path(self.tokens_file).expanduser().resolve())
+        if self.ray_token_file:
+            update["ray_token_file"] = str(Path(self.ray_token_file).expanduser().resolve())
         if self.storage_url.startswith("file://"):
             update["storage_url"] = "file://" + str(Path(self.storage_url[len("file://"):]).expanduser().resolve())
         return self.model_copy(update=update)
@@ -167,13 +220,20 @@ def load_settings(overrides: dict[str, Any] | None = None, env: dict[str, str] |
         raise ValueError(f"invalid setting {where}: {err['msg']}") from None
 
 
+#: Settings given as comma-separated lists in the environment.
+LIST_FIELDS = ("trusted_proxies", "egress_allow")
+
+
 def _env_value(name: str, value: str) -> Any:
     field = FarmSettings.model_fields[name]
-    if field.annotation in (str,) or name in ("model", "host", "storage_url", "job_db", "dtype", "auth", "tokens_file", "attention") \
+    if field.annotation in (str,) or name in ("model", "host", "storage_url", "job_db", "dtype", "auth", "tokens_file", "attention",
+                                                      "ray_auth", "ray_token_file", "file_mode") \
             or name.startswith("s3_") and name != "s3_secure" or name == "spool_dir":
         return value
     if value.lstrip()[:1] in "[{":
         return json.loads(value)
+    if name in LIST_FIELDS:  # comma-separated
+        return [part.strip() for part in value.split(",") if part.strip()]
     return value  # pydantic converts numbers and booleans from strings
 
 

@@ -30,12 +30,18 @@ def farm(ray_cluster, tmp_path_factory):
     undeploy()
 
 
-def _idle(farm, timeout=60):
-    """Wait until no job runs or waits (tests start from an idle farm)."""
+def _idle(farm, timeout=120):
+    """Wait until no job runs or waits and every class runs all its replicas.
+
+    Tests start from an idle farm at full strength: a test that killed a replica leaves Serve
+    replacing it, which takes a while on a loaded 2-core machine.
+    """
     deadline = time.monotonic() + timeout
+    wanted = {name: w["max_replicas"] for name, w in WORKERS.items()}
     while True:
         info = farm.cluster()
-        if info["running"] == 0 and info["queue_depth"] == 0:
+        running = {c["name"]: c["replicas"]["running"] for c in info["classes"]}
+        if info["running"] == 0 and info["queue_depth"] == 0 and running == wanted:
             return
         assert time.monotonic() < deadline, info
         time.sleep(0.2)
@@ -140,6 +146,7 @@ def test_killed_worker_mid_job_does_not_lose_the_job(farm):
     assert [f["code"] for f in done["failures"]] == ["worker_died"]
     assert done["failures"][0]["node"] == running["node"]
     assert done["result"]["frames"] == 16
+    _idle(farm)  # Serve has replaced the killed replica before the next test
 
 
 def test_api_answers(farm):
