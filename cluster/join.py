@@ -8,6 +8,11 @@ class resources too.
 
     i2v-farm join                       the line that starts the head node on this machine
     i2v-farm join --head HOST[:PORT]    the line that joins this machine to that head
+
+Ray's token authentication is on (`RAY_AUTH_MODE=token`): every node of the farm reads the one
+cluster token from a 0600 file (`RAY_AUTH_TOKEN_PATH`). The head's line points at the farm's
+token file (created here if missing); a worker's at a copy of it, which the operator copies from
+the head with mode 0600. The token itself is never printed.
 """
 
 from __future__ import annotations
@@ -19,11 +24,28 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+from . import ray_auth
 from .gpus import LocalGpu, detect_gpus
 from .vram_classes import CLASS_MEMORY_TOLERANCE, HEAD_RESOURCE, ClassSet, VramClass, default_classes, parse_classes
 
 DEFAULT_PORT = 6379
 CLASSES_ENV = "I2V_CLASSES"
+#: Settings of serving/config.py that say where the farm's Ray token lives (read here without
+#: importing serving: `cluster` does not depend on it).
+TOKEN_FILE_ENV = "I2V_RAY_TOKEN_FILE"
+JOB_DB_ENV = "I2V_JOB_DB"
+RAY_AUTH_ENV = "I2V_RAY_AUTH"
+DEFAULT_JOB_DB = "./outputs/jobs.sqlite3"
+
+
+def default_token_file(env: dict[str, str] | None = None) -> str:
+    """Where the farm keeps its Ray token: `$I2V_RAY_TOKEN_FILE`, else `ray_token` beside the job
+    store (`$I2V_JOB_DB`, default ./outputs/jobs.sqlite3), as `i2v-farm up` does; absolute."""
+    env = os.environ if env is None else env
+    if env.get(TOKEN_FILE_ENV):
+        return os.path.abspath(os.path.expanduser(env[TOKEN_FILE_ENV]))
+    job_db = env.get(JOB_DB_ENV) or DEFAULT_JOB_DB
+    return os.path.join(os.path.dirname(os.path.abspath(os.path.expanduser(job_db))), ray_auth.TOKEN_FILE_NAME)
 
 
 def classes_from_env() -> ClassSet:
@@ -68,7 +90,8 @@ def _resources_flag(resources: dict[str, int]) -> str:
     return "--resources='" + json.dumps(resources) + "'"
 
 
-def ray_start_command(gpus: Sequence[LocalGpu], classes: ClassSet, head_address: str | None) -> str:
+def ray_start_command(gpus: Sequence[LocalGpu], classes: ClassSet, head_address: str | None,
+                      token_file: str | None = None) -> str:
     """The `ray start` line that brings this machine into the farm.
 
     `head_address` None: the head node's line (`i2v_head`, plus class resources for its GPUs).
@@ -76,7 +99,8 @@ def ray_start_command(gpus: Sequence[LocalGpu], classes: ClassSet, head_address:
     one GPU; any GPU below the smallest class raises ValueError naming it. A machine with GPUs of
     different classes gets one resource key per class and comment lines (`# ...`) above the
     command explaining that Ray cannot tie a class to a particular GPU index. The command itself
-    is always the last line.
+    is always the last line. With `token_file` the command starts with
+    `RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=FILE` (Ray's token authentication, the token in FILE).
     """
     comments: list[str] = []
     if head_address is None and gpus and all(classes.for_memory(g.memory_bytes) is None for g in gpus):
@@ -107,7 +131,40 @@ def ray_start_command(gpus: Sequence[LocalGpu], classes: ClassSet, head_address:
 
     if len(per_class) > 1:
         comments += _mixed_node_warning(pairs, classes, head_address)
+    if token_file:
+        parts.insert(0, _shell_env(token_file))
     return "\n".join([*comments, " ".join(parts)])
+
+
+def _shell_env(token_file: str) -> str:
+    import shlex
+
+    return f"{ray_auth.MODE_VAR}=token {ray_auth.PATH_VAR}={shlex.quote(token_file)}"
+
+
+def token_instructions(token_file: str, head_address: str | None, created: bool) -> list[str]:
+    """What the operator does so this node has the cluster token (comment lines, no token)."""
+    if head_address is None:
+        return [
+            f"# Ray token authentication: the cluster token is in {token_file} (mode 0600"
+            + (", created now" if created else "") + "); never share it in a chat or a repository.",
+            "# Every GPU node needs a copy (mode 0600); shells that run `ray job submit` / `serve deploy` / `ray status`",
+            f"# against this head need: {_shell_env(token_file)}",
+        ]
+    where = f"{token_file}" if os.path.exists(token_file) else f"{token_file} (not there yet)"
+    return [
+        f"# Ray token authentication: this node needs the head's cluster token in {where}.",
+        "# Copy it from the head with mode 0600, e.g.:",
+        f"#   umask 077; mkdir -p {shlex_quote(os.path.dirname(token_file))}",
+        f"#   scp HEAD:PATH/ray_token {shlex_quote(token_file)} && chmod 600 {shlex_quote(token_file)}",
+        "# (PATH: the directory of the head's job store, or what `i2v-farm join` printed there).",
+    ]
+
+
+def shlex_quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
 
 
 def _mixed_node_warning(pairs, classes: ClassSet, head_address: str | None) -> list[str]:
@@ -155,6 +212,9 @@ def add_join_command(subparsers, detect: Callable[[], list[LocalGpu]] | None = N
     )
     parser.add_argument("--head", metavar="HOST[:PORT]",
                         help=f"address of the running head node (port {DEFAULT_PORT} if left out)")
+    parser.add_argument("--token-file", metavar="PATH",
+                        help=f"the Ray cluster token file (default ${TOKEN_FILE_ENV}, else ray_token beside "
+                             f"${JOB_DB_ENV}, ./outputs/ray_token); the head's is created if missing")
     parser.set_defaults(func=lambda args: cmd_join(args, detect))
     return parser
 
@@ -182,12 +242,30 @@ def cmd_join(args: argparse.Namespace, detect: Callable[[], list[LocalGpu]] | No
     else:
         print("No NVIDIA GPU on this machine: the head node offers no GPU (workers join it).")
 
+    auth = os.environ.get(RAY_AUTH_ENV, "token").strip().lower() != "off"
+    token_file = os.path.abspath(os.path.expanduser(args.token_file)) if getattr(args, "token_file", None) \
+        else default_token_file()
     try:
-        line = ray_start_command(gpus, classes, args.head)
+        line = ray_start_command(gpus, classes, args.head, token_file=token_file if auth else None)
     except ValueError as exc:
         return _error(str(exc))
-    print(f"Run this on this machine to start it as the {role}:")
-    print(line)
+    if auth:
+        created = False
+        if args.head is None and not os.path.exists(token_file):
+            try:
+                ray_auth.ensure_token_file(token_file)
+            except (OSError, ValueError) as exc:
+                return _error(f"cannot create the Ray cluster token file {token_file}: {exc}")
+            created = True
+        for note in token_instructions(token_file, args.head, created):
+            print(note)
+    else:
+        print(f"# WARNING: ${RAY_AUTH_ENV}=off: " + ray_auth.OFF_WARNING)
+    print(f"Run this on this machine to start it as the {role}" + (" (umask 077: Ray's files private):" if auth else ":"))
+    *notes, command = line.splitlines()
+    for note in notes:
+        print(note)
+    print(("umask 077; " if auth else "") + command)
     return 0
 
 

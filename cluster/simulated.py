@@ -19,6 +19,12 @@ and any process launched from here, such as `ray job submit` drivers) and in thi
 already-imported Ray constants, which is what makes Ray resolve "local" to 127.0.0.1. Both are
 put back on `shutdown()`. Another *process* that connects by address needs
 `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` in its environment too (`LOOPBACK_ENV`).
+
+With `auth_token_file=PATH` the cluster runs with Ray's token authentication (`cluster.ray_auth`):
+the file is created (0600) if missing, and `RAY_AUTH_MODE=token`, `RAY_AUTH_TOKEN_PATH=PATH` are
+set in this process's environment while the cluster is up, so every Ray process of the cluster,
+this driver, and processes launched from here (`ray job submit`, job drivers) use it. Another
+process needs the same two variables (`auth_env`).
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ class SimulatedCluster:
         object_store_memory: object store bytes per node (Ray's own memory; keep it modest).
         dashboard: start Ray's dashboard (needed for `ray job submit` and the Jobs API) on a free
             port, see `dashboard_url`; off by default, it costs a few processes.
+        auth_token_file: run with Ray's token authentication, the token in this file (made 0600
+            with a random token if missing). None: Ray's authentication as the environment says
+            (`RAY_AUTH_MODE`; unset: none).
 
     `start()` (or `with`) brings it up; nothing runs before that. `shutdown()` stops every node
     (and disconnects this process if `connect()` connected it).
@@ -75,6 +84,7 @@ class SimulatedCluster:
         node_cpus: int = 2,
         object_store_memory: int = 128 * MiB,
         dashboard: bool = False,
+        auth_token_file: str | os.PathLike | None = None,
     ):
         self.classes = classes or default_classes()
         if isinstance(counts, str):
@@ -88,6 +98,8 @@ class SimulatedCluster:
         self.node_cpus = node_cpus
         self.object_store_memory = object_store_memory
         self.dashboard = dashboard
+        self.auth_token_file = os.path.abspath(auth_token_file) if auth_token_file else None
+        self._auth_saved: dict = {}
         self._cluster = None
         self._connected = False
         self._saved: dict = {}
@@ -101,6 +113,10 @@ class SimulatedCluster:
         t0 = time.monotonic()
         self._enter_loopback()
         try:
+            if self.auth_token_file:
+                from . import ray_auth
+
+                self._auth_saved = ray_auth.enable(ray_auth.ensure_token_file(self.auth_token_file))
             from ray.cluster_utils import Cluster
 
             with _driver_kv_kept():
@@ -134,6 +150,11 @@ class SimulatedCluster:
                     for node in cluster.list_all_nodes():
                         node.kill_all_processes(check_alive=False, allow_graceful=False)
         self._leave_loopback()
+        if self._auth_saved:
+            from . import ray_auth
+
+            ray_auth.restore(self._auth_saved)
+            self._auth_saved = {}
 
     def __enter__(self) -> "SimulatedCluster":
         return self.start()
@@ -153,6 +174,20 @@ class SimulatedCluster:
         """`http://127.0.0.1:PORT` of Ray's dashboard when started with `dashboard=True`."""
         url = self._require().webui_url if self.dashboard else None
         return f"http://{url}" if url and not url.startswith("http") else url
+
+    @property
+    def auth_env(self) -> dict[str, str]:
+        """Environment another process needs to talk to this cluster (`{}` without token auth)."""
+        if not self.auth_token_file:
+            return {}
+        from .ray_auth import MODE_VAR, PATH_VAR
+
+        return {MODE_VAR: "token", PATH_VAR: self.auth_token_file}
+
+    @property
+    def session_dir(self) -> str:
+        """The head node's Ray session directory (its `logs/` hold every process's log)."""
+        return self._require().head_node.get_session_dir_path()
 
     @property
     def head_node_id(self) -> str:

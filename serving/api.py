@@ -11,7 +11,14 @@
     GET  /metrics                 Prometheus metrics of the farm (`monitoring/metrics.py`)
     POST /v1/estimate             peak VRAM, VRAM class and seconds of a request, before submitting
     GET  /v1/info                 the model (and what its output is), presets, field ranges, tips
+    GET  /v1/me                   the calling token: {name, admin, max_priority}
+    POST /v1/login, /v1/logout    the web page's session cookie (a random session id, never the token)
     GET  /, /ui/{file}            the web page (`serving/web`)
+    GET  /docs, /openapi.json     the API (swagger-ui from the `fastapi-offline` package; `api_docs`)
+
+Every response carries the security headers of `serving.auth.security_headers` (CSP,
+frame-ancestors 'none', nosniff, no referrer). State-changing requests a browser sends from another
+origin are refused (403 `cross_origin`).
 
 The ingress validates everything it can (fields, image) before anything is queued, and answers
 errors as `{"error": {"code", "message", "field"}}`. Job state lives in the job manager.
@@ -21,6 +28,8 @@ errors as `{"error": {"code", "message", "field"}}`. Job state lives in the job 
 
 import asyncio
 import base64
+import logging
+import weakref
 import binascii
 import json
 import math
@@ -44,14 +53,18 @@ from pipeline.render import TINY_RANDOM_NOTE
 from pipeline.request import (DEFAULT_PRESET, PRESETS, PROMPT_EXAMPLES, PROMPT_TIPS, RESOLUTION_PIXELS,
                               GenerationParams)
 
-from .auth import ANONYMOUS, COOKIE, Caller, RateLimiter, TokenStore, auth_enabled, tokens_path
+from .auth import (ANONYMOUS, COOKIE, PROXY_HEADERS, Caller, RateLimiter, SessionStore, StreamLimiter, TokenStore,
+                   auth_enabled, client_address, hash_token, origin_allowed, parse_networks, request_host,
+                   request_scheme, security_headers, tokens_path)
 from .config import FarmSettings
-from .protocol import ERROR_RESPONSES, ClusterStatus, Job, JobList, JobRequest
+from .files import apply_umask
+from .protocol import ERROR_RESPONSES, ClusterStatus, ErrorResponse, Job, JobList, JobRequest, Me
 from .storage import StorageUnavailable, content_type, open_storage
 from .backends import SIM
 from .scheduler import NoClassFits, Scheduler
 from .scheduler import estimate_request as estimate_cost
 
+logger = logging.getLogger(__name__)
 TERMINAL = ("succeeded", "failed", "canceled")
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 EVENT_POLL_S = 0.5
@@ -60,6 +73,8 @@ app = FastAPI(
     title="i2v-farm",
     version="1",
     description="Image-to-video render farm (I2VGen-XL) on GPUs of several sizes.",
+    docs_url=None,  # served by FarmApi.docs from bundled assets (no CDN)
+    redoc_url=None,
 )
 
 
@@ -87,39 +102,143 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 #: Reachable without a token: the page's shell, health, docs, metrics, the login itself.
-PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json",
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/docs", "/openapi.json",
                           "/metrics", "/v1/info", "/v1/login", "/v1/logout"})
+PUBLIC_PREFIXES = ("/ui/", "/docs/")
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: A body larger than this at `POST /v1/login` is refused while it is read (chunked too).
+LOGIN_MAX_BYTES = 4096
+LOGIN_TYPES = ("application/json", "application/x-www-form-urlencoded")
+
+
+def media_origins(settings: FarmSettings) -> list[str]:
+    """Where the page's <video>/<img> may load from besides the farm: the S3 endpoint clients reach
+    (presigned URLs), when results live on S3."""
+    if not settings.storage_url.startswith("s3://"):
+        return []
+    public = settings.s3_public_endpoint or settings.s3_endpoint
+    if not public:
+        return []
+    if "://" not in public:
+        public = ("https://" if settings.s3_secure else "http://") + public
+    return [public.rstrip("/")]
+
+
+class Credential:
+    """How a request proved who it is: a bearer token (its hash) or a session (cookie value)."""
+
+    __slots__ = ("kind", "token_hash", "session")
+
+    def __init__(self, kind: str, token_hash: str, session: str | None = None):
+        self.kind, self.token_hash, self.session = kind, token_hash, session
 
 
 class Guard:
     """Access control of one ingress replica (see `serving.auth`)."""
 
     def __init__(self, settings: FarmSettings):
+        self.settings = settings
+        self.mode = settings.auth
         self.enabled = auth_enabled(settings.auth, settings.host)
         self.tokens = TokenStore(tokens_path(settings))
+        self.sessions = SessionStore(settings.session_ttl_s)
         self.limiter = RateLimiter()
+        self.streams = StreamLimiter(settings.max_streams_per_token)
+        self.trusted = parse_networks(settings.trusted_proxies)
+        self.headers = security_headers(media_origins=media_origins(settings))
+        self.docs_headers = security_headers(media_origins=media_origins(settings), docs=True)
 
-    def token_of(self, request: Request) -> str | None:
+    def authenticate(self, request: Request) -> tuple[Caller | None, Credential | None]:
+        """The caller of a request: `Authorization: Bearer TOKEN`, else the session cookie."""
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
-            return header[7:].strip()
-        return request.cookies.get(COOKIE)
+            token = header[7:].strip()
+            caller = self.tokens.verify(token)
+            return (caller, Credential("bearer", hash_token(token))) if caller else (None, None)
+        sid = request.cookies.get(COOKIE)
+        token_hash = self.sessions.token_hash(sid)
+        if token_hash is None:
+            return None, None
+        cred = Credential("session", token_hash, sid)
+        return self.recheck(cred), cred
+
+    def recheck(self, cred: Credential | None) -> Caller | None:
+        """The caller while its credential still holds (token not revoked, session not ended);
+        with access control off, always the anonymous admin."""
+        if not self.enabled:
+            return ANONYMOUS
+        if cred is None:
+            return None
+        if cred.kind == "session" and self.sessions.token_hash(cred.session) != cred.token_hash:
+            return None
+        caller = self.tokens.by_hash(cred.token_hash)
+        if caller is None and cred.kind == "session":
+            self.sessions.revoke_token(cred.token_hash)  # the token was revoked: all its sessions end
+        return caller
+
+    def stream_key(self, request: Request) -> str:
+        """Whose streams are counted together: the token's name, or (access control off) the address."""
+        if self.enabled:
+            return "token:" + caller_of(request).name
+        return "addr:" + str(getattr(request.state, "client_ip", None))
+
+
+def _refuse(request: Request, status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    log = logger.info if status == 401 else logger.warning
+    log("refused %s %s from %s: %s %s", request.method, request.url.path[:200],
+        getattr(request.state, "client_ip", None), status, code)
+    return error_response(status, code, message, headers=headers or None)
 
 
 @app.middleware("http")
 async def _access(request: Request, call_next):
     guard: Guard | None = getattr(request.app.state, "guard", None)
-    if guard is None or not guard.enabled:
+    if guard is None:
         request.state.caller = ANONYMOUS
         return await call_next(request)
+    response = await _guarded(guard, request, call_next)
     path = request.url.path
-    caller = guard.tokens.verify(guard.token_of(request))
-    if caller is None and path not in PUBLIC_PATHS and not path.startswith("/ui/"):
-        return error_response(401, "unauthorized",
-                              "a valid API token is required: send `Authorization: Bearer TOKEN` "
-                              "(tokens: `i2v-farm token create NAME` on the farm's head node)",
-                              headers={"WWW-Authenticate": "Bearer"})
+    headers = guard.docs_headers if path == "/docs" or path.startswith("/docs/") else guard.headers
+    for name, value in headers.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+async def _guarded(guard: Guard, request: Request, call_next):
+    headers = request.headers
+    client_host = request.client.host if request.client else None
+    request.state.client_ip = client_address(client_host, headers, guard.trusted)
+    request.state.scheme = request_scheme(request.url.scheme, client_host, headers, guard.trusted)
+    request.state.credential = None
+    path = request.url.path
+    if (guard.mode == "auto" and not guard.enabled and path not in ("/healthz", "/readyz")
+            and any(h in headers for h in PROXY_HEADERS)):
+        return _refuse(request, 403, "proxy_without_auth",
+                       "this farm is reached through a proxy (the request carries X-Forwarded-For, Forwarded "
+                       "or X-Real-IP) but listens on loopback with access control off, which would make every "
+                       "caller an admin: turn tokens on (`I2V_AUTH=on`, then `i2v-farm token create NAME`), "
+                       "or set `auth: off` to run it open on purpose")
+    if request.method not in SAFE_METHODS and not origin_allowed(
+            headers.get("origin"), headers.get("sec-fetch-site"), request.state.scheme,
+            request_host(client_host, headers, guard.trusted)):
+        return _refuse(request, 403, "cross_origin",
+                       "a browser sent this request from another site or origin: the farm takes state-changing "
+                       "requests only from its own page (behind a reverse proxy: pass the Host header, or "
+                       "X-Forwarded-Host/-Proto and list the proxy in `trusted_proxies`)")
+    if not guard.enabled:
+        request.state.caller = ANONYMOUS
+        return await call_next(request)
+    caller, cred = guard.authenticate(request)
+    if (cred is not None and cred.kind == "session" and headers.get("sec-fetch-site") in ("cross-site", "same-site")
+            and headers.get("sec-fetch-mode") != "navigate"):
+        caller, cred = None, None  # the cookie rides along a sibling site's fetch/<video>/EventSource: ignore it
+    if caller is None and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
+        return _refuse(request, 401, "unauthorized",
+                       "a valid API token is required: send `Authorization: Bearer TOKEN` "
+                       "(tokens: `i2v-farm token create NAME` on the farm's head node)",
+                       **{"WWW-Authenticate": "Bearer"})
     request.state.caller = caller
+    request.state.credential = cred if caller else None
     return await call_next(request)
 
 
@@ -132,6 +251,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     err = exc.errors()[0]
     field = str(err["loc"][-1]) if err.get("loc") else None
     return error_response(422, "invalid_request", f"{field}: {err['msg']}", field)
+
+
+def _check_priority(caller: Caller, priority: str | None) -> None:
+    if not caller.may_use(priority):
+        raise ApiError(f"token {caller.name!r} may ask for priority up to {caller.max_priority!r}, not {priority!r} "
+                       "(an operator grants more with `i2v-farm token create NAME --max-priority high`)",
+                       code="priority_not_allowed", status=403, field="priority")
 
 
 def _reply(reply: dict[str, Any]) -> dict[str, Any] | JSONResponse:
@@ -153,12 +279,15 @@ def _links(job: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-async def _read_body(request: Request, limit: int, too_large: str, field: str | None = None) -> bytes:
+async def _read_body(request: Request, limit: int, too_large: str, field: str | None = None,
+                     chunked: bool = False) -> bytes:
     """The whole body, sized up before it is read: refused without a Content-Length (411; Ray
-    Serve's proxy would buffer a chunked upload of any size) or above `limit` bytes (413), and
-    never read past `limit` whatever the header said."""
+    Serve's proxy would buffer a chunked upload of any size; `chunked=True`: read, but never past
+    `limit`) or above `limit` bytes (413), and never read past `limit` whatever the header said."""
     length = request.headers.get("content-length", "")
     code = "image_too_large" if field == "image" else "request_too_large"
+    if chunked and not length:
+        length = "0"  # no size announced: read, never past `limit`
     if not length.isdigit():
         raise ApiError("send the request with a Content-Length header (chunked uploads are not accepted)",
                        code="length_required", status=411)
@@ -238,7 +367,7 @@ def _image_format(data: bytes) -> str:
 #: The web page's files (`serving/web`, shipped as package data), served at `/` and `/ui/<name>`.
 WEB_DIR = Path(__file__).parent / "web"
 WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
 
 IMAGE_TIPS = (
     "512x512 or larger works best.",
@@ -268,6 +397,32 @@ def _web_files() -> dict[str, Path]:
     if not WEB_DIR.is_dir():
         return {}
     return {p.name: p for p in WEB_DIR.iterdir() if p.is_file() and p.suffix in WEB_TYPES}
+
+
+DOCS_HTML = """<!doctype html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>i2v-farm API</title>
+  <link rel="stylesheet" href="docs/swagger-ui.css">
+  <link rel="icon" href="docs/favicon.png">
+  <script src="docs/swagger-ui-bundle.js" defer></script>
+  <script src="ui/docs.js" defer></script>
+</head>
+<body><div id="swagger-ui"></div></body>
+</html>
+"""
+
+
+def _docs_files() -> dict[str, Path]:
+    """swagger-ui's files, bundled by the `fastapi-offline` package (no CDN)."""
+    try:
+        import fastapi_offline
+    except ImportError:
+        return {}
+    static = Path(fastapi_offline.__file__).parent / "static"
+    names = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")
+    return {n: static / n for n in names if (static / n).is_file()}
 
 
 def web_file(name: str) -> Response:
@@ -379,6 +534,7 @@ class FarmApi:
     def __init__(self, manager: Any, settings: dict[str, Any]):
         self.manager = manager
         self.settings = FarmSettings.model_validate(settings)
+        apply_umask(self.settings)  # this process's files: file_mode (0600), directories 0700
         self.storage = open_storage(self.settings)
         self.guard = Guard(self.settings)
         app.state.guard = self.guard
@@ -402,6 +558,7 @@ class FarmApi:
                                   headers={"Retry-After": str(max(1, math.ceil(wait)))})
         fields, image_bytes = await _read_submission(request, self.settings.max_image_bytes)
         params = parse_params(fields)  # field errors before the (slower) image check
+        _check_priority(caller, params.priority)
         image = load_image(image_bytes, max_bytes=self.settings.max_image_bytes)
         reply = await self.manager.submit.remote(
             params.model_dump(exclude_none=True),
@@ -477,23 +634,46 @@ class FarmApi:
         """Server-sent events: `progress` ({step, total}) and `status` (the whole job) on each
         change, ending after the job reaches succeeded, failed or canceled."""
         job = await self._job(job_id, request)
+        guard, cred = self.guard, getattr(request.state, "credential", None)
+        key = guard.stream_key(request)
+        if not guard.streams.acquire(key):
+            return error_response(429, "too_many_streams",
+                                  f"{guard.settings.max_streams_per_token} event streams are open for this caller "
+                                  "already (`max_streams_per_token`): close one (or poll GET /v1/jobs/{id})",
+                                  headers={"Retry-After": "5"})
 
         async def stream():
             last_status, last_progress = None, None
             current = job
-            while True:
-                if current["status"] != last_status:
-                    last_status = current["status"]
-                    yield f"event: status\ndata: {json.dumps(_links(current))}\n\n"
-                if current.get("progress") != last_progress:
-                    last_progress = current.get("progress")
-                    yield f"event: progress\ndata: {json.dumps(last_progress)}\n\n"
-                if current["status"] in TERMINAL:
-                    return
-                await asyncio.sleep(EVENT_POLL_S)
-                current = await self.manager.get.remote(job_id) or current
+            try:
+                while True:
+                    if guard.recheck(cred) is None:  # token revoked, session logged out or expired
+                        yield ('event: error\ndata: {"code": "unauthorized", '
+                               '"message": "the token was revoked or the session ended"}\n\n')
+                        return
+                    if current["status"] != last_status:
+                        last_status = current["status"]
+                        yield f"event: status\ndata: {json.dumps(_links(current))}\n\n"
+                    if current.get("progress") != last_progress:
+                        last_progress = current.get("progress")
+                        yield f"event: progress\ndata: {json.dumps(last_progress)}\n\n"
+                    if current["status"] in TERMINAL:
+                        return
+                    await asyncio.sleep(EVENT_POLL_S)
+                    current = await self.manager.get.remote(job_id) or current
+            finally:
+                release()
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        released = []
+
+        def release() -> None:  # once: when the stream ends, or its generator is dropped unstarted
+            if not released:
+                released.append(True)
+                guard.streams.release(key)
+
+        events = stream()
+        weakref.finalize(events, release)
+        return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/v1/cluster", response_model=ClusterStatus)
@@ -553,7 +733,9 @@ class FarmApi:
         if not isinstance(data, dict):
             raise ApiError("the JSON body must be an object", code="invalid_json")
         data.pop("image", None)  # only its size matters, and that is width/height
-        return estimate_request(self.settings, data)
+        reply = estimate_request(self.settings, data)
+        _check_priority(caller_of(request), reply["params"].get("priority"))
+        return reply
 
     @app.get("/v1/info")
     async def info(self):
@@ -578,25 +760,76 @@ class FarmApi:
             raise ApiError(f"no job {job_id[:64]}", code="not_found", status=404)
         return job
 
-    @app.post("/v1/login", include_in_schema=True, responses=ERROR_RESPONSES)
+    @app.get("/v1/me", response_model=Me, responses=ERROR_RESPONSES)
+    async def me(self, request: Request):
+        """The calling token: its name, whether it is an admin, and the highest priority it may use
+        (access control off: the anonymous admin)."""
+        caller = caller_of(request)
+        return {"name": caller.name, "admin": caller.admin, "max_priority": caller.max_priority}
+
+    @app.post("/v1/login", include_in_schema=True, responses={**ERROR_RESPONSES, 401: {
+        "model": ErrorResponse, "description": "Unknown or revoked token"}},
+              openapi_extra={"requestBody": {"content": {
+                  "application/json": {"schema": {"type": "object", "required": ["token"],
+                                                  "properties": {"token": {"type": "string"}}}},
+                  "application/x-www-form-urlencoded": {"schema": {"type": "object", "required": ["token"],
+                                                                   "properties": {"token": {"type": "string"}}}}}}})
     async def login(self, request: Request):
-        """Exchange an API token for an HttpOnly session cookie (what the web page does)."""
+        """Exchange an API token for an HttpOnly session cookie (what the web page does): the cookie
+        holds a random session id, valid `session_ttl_s`, until logout or until the token is revoked.
+
+        The body (JSON `{"token"}` or a urlencoded form, at most 4 KiB) comes only from the farm's
+        own origin when a browser sends it."""
+        ctype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if ctype not in LOGIN_TYPES:
+            raise ApiError(f"send the token as application/json ({{\"token\": ...}}) or a urlencoded form, "
+                           f"not {ctype or 'no content type'!r}", code="unsupported_media_type", status=415)
+        body = await _read_body(request, LOGIN_MAX_BYTES, "a login needs only the token", chunked=True)
+        token = None
         try:
-            token = (await request.json()).get("token")
-        except Exception:  # noqa: BLE001
-            token = None
-        caller = self.guard.tokens.verify(token if isinstance(token, str) else None)
-        if self.guard.enabled and caller is None:
+            if ctype == "application/json":
+                data = json.loads(body or b"{}")
+                token = data.get("token") if isinstance(data, dict) else None
+            else:
+                from urllib.parse import parse_qs
+
+                token = (parse_qs(body.decode(), max_num_fields=8).get("token") or [None])[0]
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ApiError("the body is not valid JSON or form data", code="invalid_json") from None
+        token = token.strip() if isinstance(token, str) else None
+        caller = self.guard.tokens.verify(token) if self.guard.enabled else ANONYMOUS
+        if caller is None:
             return error_response(401, "unauthorized", "unknown or revoked token", "token")
-        resp = JSONResponse({"name": (caller or ANONYMOUS).name, "admin": (caller or ANONYMOUS).admin,
+        resp = JSONResponse({"name": caller.name, "admin": caller.admin, "max_priority": caller.max_priority,
                              "auth": self.guard.enabled})
         if self.guard.enabled:
-            resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/",
-                            secure=request.url.scheme == "https")
+            self.guard.sessions.revoke(request.cookies.get(COOKIE))  # a previous session of this browser
+            sid = self.guard.sessions.create(hash_token(token))
+            resp.set_cookie(COOKIE, sid, max_age=self.settings.session_ttl_s, httponly=True, samesite="strict",
+                            path="/", secure=getattr(request.state, "scheme", "http") == "https")
         return resp
 
     @app.post("/v1/logout", include_in_schema=True)
-    async def logout(self):
+    async def logout(self, request: Request):
+        """End the page's session (the cookie stops working at once, everywhere it was copied)."""
+        self.guard.sessions.revoke(request.cookies.get(COOKIE))
         resp = JSONResponse({"ok": True})
-        resp.delete_cookie(COOKIE, path="/")
+        resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
+                           secure=getattr(request.state, "scheme", "http") == "https")
         return resp
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self):
+        """The API's OpenAPI page: swagger-ui from the `fastapi-offline` package, nothing from a CDN."""
+        if not self.settings.api_docs:
+            raise ApiError("the API page is off on this farm (`api_docs: false`); the API is at /openapi.json",
+                           code="not_found", status=404)
+        return Response(DOCS_HTML, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/docs/{name}", include_in_schema=False)
+    async def docs_asset(self, name: str):
+        path = _docs_files().get(name) if self.settings.api_docs else None
+        if path is None:
+            raise ApiError(f"no docs asset {name!r}", code="not_found", status=404)
+        return FileResponse(path, media_type=WEB_TYPES.get(path.suffix, "application/octet-stream"),
+                            headers={"Cache-Control": "max-age=86400"})

@@ -55,9 +55,14 @@ Design decisions
 * **Image sources.** A relative path is read from the working directory (the directory the
   batch runs in: `--working-dir` of `ray job submit`) and must stay inside it (`..`, absolute
   paths and links leading out are refused). `s3://KEY` is the object `KEY` in the farm's own
-  storage (`I2V_STORAGE_URL`; the bucket is the farm's, so `s3://uploads/cat.png` is the key
-  `uploads/cat.png` in it). `http(s)://` is downloaded (timeout `--download-timeout`, at most the
-  farm's image size limit). Each image is validated like the farm does (`load_image`, with the
+  storage (`I2V_STORAGE_URL`; the bucket is the farm's, so `s3://uploads/alice/cat.png` is the
+  key `uploads/alice/cat.png` in it), and only the caller's own: keys under `uploads/<caller>/`
+  and under the prefixes of the caller's own jobs (`jobs/YYYY/MM/DD/<job id>/`), any key for an
+  admin token; the caller is the batch's `I2V_TOKEN` as the farm knows it (`GET /v1/me`), others'
+  keys are `invalid` (`image_forbidden`) before storage is read. `http(s)://` is downloaded
+  (timeout `--download-timeout`, at most the farm's image size limit) within the farm's egress
+  rules (`serving.egress`: no loopback, private, link-local or metadata address, on any redirect
+  hop, unless `I2V_EGRESS_ALLOW` lists it; a refused URL is `invalid`, `egress_refused`). Each image is validated like the farm does (`load_image`, with the
   farm's limits from `GET /v1/info`) before anything is submitted; downloaded ones are kept in a
   temporary directory for the run, so each is fetched once.
 * **Exit code** 0 when every valid row succeeded or was already done, 1 when some row failed,
@@ -79,13 +84,12 @@ import io
 import json
 import os
 import queue
+import re
 import signal
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -97,6 +101,8 @@ from pipeline.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, l
 from pipeline.request import parse_params
 
 from .client import DEFAULT_URL, FarmClient, FarmClientError
+from .egress import EgressPolicy, EgressRefused, FetchError, fetch
+from .files import apply_umask, atomic_write
 
 SUMMARY_ROWS = "summary.jsonl"
 SUMMARY_COUNTS = "summary.json"
@@ -267,11 +273,15 @@ def _too_large(size: int, limits: ImageLimits) -> RowError:
                                       f"{limits.max_bytes / 2**20:.0f} MiB", "image")
 
 
-def read_image(ref: Any, *, root: Path, storage: Any, limits: ImageLimits, timeout: float = 30.0) -> bytes:
+def read_image(ref: Any, *, root: Path, storage: Any, limits: ImageLimits, timeout: float = 30.0,
+               egress: EgressPolicy | None = None, scope: "StorageScope | None" = None) -> bytes:
     """The bytes of a row's image: a path inside `root`, `s3://KEY` in `storage`, or an http(s) URL.
 
+    An `s3://KEY` must be the caller's (`scope`: none given, none is); an http(s) URL and each of its
+    redirects must pass the egress rules (`egress`: none given, the defaults, nothing allowed).
     Raises `RowError`: `invalid` for a source that cannot work (bad reference, not found, outside
-    the working directory, too large), `failed` for one that may work later (network, storage).
+    the working directory, not the caller's, refused by the egress rules, too large), `failed` for
+    one that may work later (network, storage).
     """
     if not isinstance(ref, str) or not ref.strip():
         raise invalid("invalid_request", "'image' is required: a path in the working directory, "
@@ -281,9 +291,11 @@ def read_image(ref: Any, *, root: Path, storage: Any, limits: ImageLimits, timeo
     if sep:
         scheme = scheme.lower()
         if scheme in ("http", "https"):
-            return _download(ref, limits, timeout)
+            return _download(ref, limits, timeout, egress or EgressPolicy())
         if scheme == "s3":
-            return _read_storage(rest, storage, limits)
+            key = rest.lstrip("/")
+            (scope or StorageScope.nobody()).check(key)
+            return _read_storage(key, storage, limits)
         raise invalid("bad_image_source", f"unsupported image source {ref!r}: use a path in the working "
                                           "directory, s3://KEY or an http(s):// URL", "image")
     return _read_local(ref, root, limits)
@@ -333,32 +345,140 @@ def _read_storage(key: str, storage: Any, limits: ImageLimits) -> bytes:
     return data
 
 
-def _download(url: str, limits: ImageLimits, timeout: float) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "i2v-farm-batch"})
-    deadline = time.monotonic() + 4 * timeout
+def _download(url: str, limits: ImageLimits, timeout: float, egress: EgressPolicy) -> bytes:
+    """GET an image URL within the egress rules (`serving.egress`: every hop's resolved address
+    checked, redirects followed by hand, the connection made to the checked address)."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            length = resp.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > limits.max_bytes:
-                raise _too_large(int(length), limits)
-            chunks, size = [], 0
-            while chunk := resp.read(2**16):
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    raise _too_large(size, limits)
-                if time.monotonic() > deadline:
-                    raise RowError("failed", "image_unreachable",
-                                   f"downloading {url} took longer than {4 * timeout:.0f} s", "image")
-            return b"".join(chunks)
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403, 404, 410):
-            raise invalid("image_not_found", f"cannot download {url}: HTTP {exc.code} {exc.reason}", "image") from None
-        raise RowError("failed", "image_unreachable", f"cannot download {url}: HTTP {exc.code} {exc.reason}",
-                       "image") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise RowError("failed", "image_unreachable", f"cannot download {url}: {reason}", "image") from None
+        resp = fetch(url, policy=egress, timeout=timeout, max_bytes=limits.max_bytes,
+                     headers={"User-Agent": "i2v-farm-batch"}, too_large=lambda size: _too_large(size, limits))
+    except EgressRefused as exc:
+        hop = f" (a redirect led to {exc.url})" if exc.url and exc.url != url else ""
+        raise invalid("egress_refused", f"cannot download {url}{hop}: {exc.message}", "image") from None
+    except FetchError as exc:
+        if exc.status in (401, 403, 404, 410):
+            raise invalid("image_not_found", exc.message, "image") from None
+        raise RowError("failed", "image_unreachable", exc.message, "image") from None
+    return resp.body
+
+
+# --- whose s3:// keys --------------------------------------------------------------------------
+
+_JOB_KEY = re.compile(r"jobs/\d{4}/\d\d/\d\d/([0-9a-f]{1,64})/")
+
+
+def _forbidden(key: str, why: str) -> RowError:
+    return invalid("image_forbidden", f"s3://{key} is not yours to render: {why}", "image")
+
+
+class StorageScope:
+    """Which `s3://KEY`s a manifest may name: its caller's own, asked of the farm.
+
+    The caller is the batch's token (`I2V_TOKEN`), as the farm knows it (`GET /v1/me` ->
+    `{name, admin}`). An admin may name any key; anyone else only keys under `uploads/<name>/`
+    and under the prefix of one of their own jobs (`jobs/YYYY/MM/DD/<job id>/`, checked with
+    `GET /v1/jobs/<id>`: another caller's job answers 404). With access control off the farm's
+    caller is the admin `anonymous`. The check comes before storage is read, so a refusal says
+    nothing about whether the key exists.
+
+    This guards a farm's storage against manifests written by others; it is not a boundary
+    against whoever submits the batch as a Ray job (that is running code on the cluster).
+    """
+
+    def __init__(self, client: Any = None, caller: dict[str, Any] | None = None, *, tries: int = 3,
+                 retry_s: float = 1.0):
+        self.client = client
+        self._caller = caller
+        self._owned: dict[str, tuple[str, ...] | None] = {}  # job id -> its prefix(es), None: not theirs
+        self._lock = threading.Lock()
+        self.tries, self.retry_s = tries, retry_s
+
+    @classmethod
+    def nobody(cls) -> "StorageScope":
+        """No caller: no key is allowed."""
+        return cls(None, {"name": "", "admin": False})
+
+    @classmethod
+    def admin(cls, name: str = "anonymous") -> "StorageScope":
+        return cls(None, {"name": name, "admin": True})
+
+    def _get(self, path: str) -> tuple[int, Any]:
+        last = ""
+        for attempt in range(self.tries):
+            try:
+                status, payload, _ = self.client.request("GET", path)
+                if status < 500 and status != 429:
+                    return status, payload
+                last = f"HTTP {status}: {_message(payload, status)}"
+            except FarmClientError as exc:
+                last = exc.message
+            except ValueError as exc:
+                last = f"unreadable answer: {exc}"
+            if attempt + 1 < self.tries:
+                time.sleep(self.retry_s * (attempt + 1))
+        raise RowError("failed", "farm_unreachable", f"cannot ask the farm {path}: {last}", "image")
+
+    def caller(self) -> dict[str, Any]:
+        with self._lock:
+            if self._caller is not None:
+                return self._caller
+            if self.client is None:
+                self._caller = {"name": "", "admin": False}
+                return self._caller
+            status, me = self._get("/v1/me")
+            if status == 200 and isinstance(me, dict) and isinstance(me.get("name"), str):
+                self._caller = {"name": me["name"], "admin": me.get("admin") is True}
+                return self._caller
+        if status == 401:
+            raise invalid("image_forbidden", "s3:// images need a valid token (I2V_TOKEN): the farm answered 401 "
+                                             "to GET /v1/me", "image")
+        raise invalid("image_forbidden", f"the farm does not say who this batch runs as (GET /v1/me answered "
+                                         f"HTTP {status}), so it cannot read s3:// images", "image")
+
+    def _job_prefixes(self, job_id: str, name: str) -> tuple[str, ...] | None:
+        with self._lock:
+            if job_id in self._owned:
+                return self._owned[job_id]
+        status, job = self._get(f"/v1/jobs/{job_id}")
+        if status == 200 and isinstance(job, dict) and job.get("id") == job_id \
+                and job.get("owner", name) == name:
+            prefixes = tuple(p for p in (job.get("prefix"),) if isinstance(p, str) and p) or None
+            if prefixes is None:  # a farm that does not show the prefix: the day it was created
+                from .storage import job_prefix
+
+                try:
+                    prefixes = (job_prefix(job_id, job["created_at"]),)
+                except (KeyError, TypeError, ValueError):
+                    prefixes = None
+        elif status in (403, 404):
+            prefixes = None
+        else:
+            raise RowError("failed", "farm_unreachable",
+                           f"cannot check job {job_id} with the farm: HTTP {status}: {_message(job, status)}", "image")
+        with self._lock:
+            self._owned[job_id] = prefixes
+        return prefixes
+
+    def check(self, key: str) -> None:
+        """Raise `RowError(invalid, image_forbidden)` unless the caller may render `key`."""
+        parts = key.split("/")
+        if not key or any(p in ("", ".", "..") for p in parts) or any(ord(c) < 32 for c in key):
+            raise invalid("bad_image_source", f"bad storage key {key!r}: write s3://uploads/<you>/NAME.png "
+                                              "(no empty, '.' or '..' parts)", "image")
+        me = self.caller()
+        if me["admin"]:
+            return
+        name = me["name"]
+        mine = f"uploads/{name}/"
+        if name and key.startswith(mine) and len(key) > len(mine):
+            return
+        m = _JOB_KEY.match(key)
+        if m and name:
+            prefixes = self._job_prefixes(m.group(1), name)
+            if prefixes and any(key.startswith(p) for p in prefixes):
+                return
+            raise _forbidden(key, f"job {m.group(1)} is not one of {name!r}'s jobs")
+        raise _forbidden(key, f"a manifest may name keys under {mine} and under its own jobs' prefixes "
+                              "(jobs/YYYY/MM/DD/<job id>/) unless the token is an admin's")
 
 
 # --- rows --------------------------------------------------------------------------------------
@@ -421,7 +541,8 @@ def _explicit_id(value: Any) -> str:
 
 
 def check_row(mrow: ManifestRow, *, root: Path, storage: Any, limits: ImageLimits, priority: str | None = None,
-              spool: Path | None = None, download_timeout: float = 30.0) -> Row:
+              spool: Path | None = None, download_timeout: float = 30.0, egress: EgressPolicy | None = None,
+              scope: StorageScope | None = None) -> Row:
     """Validate one manifest row (fields first, then the image) and compute its digest.
 
     The image is decoded and checked as the farm would (`load_image`); its bytes are dropped
@@ -441,7 +562,8 @@ def check_row(mrow: ManifestRow, *, root: Path, storage: Any, limits: ImageLimit
         if priority and not data.get("priority"):
             data["priority"] = priority
         params = parse_params(data).model_dump(exclude_none=True)
-        image = read_image(row.image, root=root, storage=storage, limits=limits, timeout=download_timeout)
+        image = read_image(row.image, root=root, storage=storage, limits=limits, timeout=download_timeout,
+                           egress=egress, scope=scope)
         try:
             load_image(image, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels, min_side=limits.min_side)
         except I2VError as exc:
@@ -461,9 +583,7 @@ def check_row(mrow: ManifestRow, *, root: Path, storage: Any, limits: ImageLimit
         assert spool is not None, "remote images need a spool directory"
         row.image_path = spool / row.image_sha256
         if not row.image_path.exists():
-            tmp = row.image_path.with_suffix(f".{threading.get_ident()}.part")
-            tmp.write_bytes(image)
-            os.replace(tmp, row.image_path)
+            atomic_write(row.image_path, image, durable=False)
     else:
         row.image_path = (root / row.image).resolve()
     return row
@@ -963,14 +1083,24 @@ def read_previous(storage: Any, prefix: str) -> dict[str, dict[str, Any]]:
     return previous
 
 
-def open_batch_storage(env: dict[str, str] | None = None):
-    """The farm's storage, from the same settings the farm reads (`I2V_STORAGE_URL`, `I2V_S3_*`)."""
+def batch_settings(env: dict[str, str] | None = None):
+    """The farm's settings as the batch reads them (`I2V_*` of the job's runtime environment,
+    `I2V_CONFIG`): storage, `egress_allow` (`I2V_EGRESS_ALLOW`), `file_mode`."""
     from .config import load_settings
+
+    try:
+        return load_settings(env=dict(os.environ if env is None else env))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def open_batch_storage(env: dict[str, str] | None = None, settings: Any = None):
+    """The farm's storage, from the same settings the farm reads (`I2V_STORAGE_URL`, `I2V_S3_*`)."""
     from .storage import StorageUnavailable, open_storage
 
     env = dict(os.environ if env is None else env)
     try:
-        settings = load_settings(env=env)
+        settings = settings or batch_settings(env)
         url = settings.storage_url
         if "RAY_JOB_CONFIG_JSON_ENV_VAR" in env and url.startswith("file://") \
                 and not Path(url[len("file://"):]).expanduser().is_absolute():
@@ -1034,9 +1164,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--concurrency and --max-attempts must be at least 1")
         manifest = Path(args.manifest)
         mrows = read_manifest(manifest)  # before storage and farm: the cheapest mistake first
-        storage = open_batch_storage()
+        settings = batch_settings()
+        apply_umask(settings)  # the spool and (file://) summaries: file_mode, like the farm's own files
+        storage = open_batch_storage(settings=settings)
+        try:
+            egress = EgressPolicy.from_settings(settings)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         return run_batch(
-            manifest, client=FarmClient(args.url, timeout=60), storage=storage, root=Path.cwd(), stop=stop,
+            manifest, client=FarmClient(args.url, timeout=60), storage=storage, root=Path.cwd(), stop=stop, egress=egress,
             prefix=args.out, concurrency=args.concurrency, priority=args.priority,
             max_attempts=args.max_attempts, unreachable_timeout=args.unreachable_timeout, poll_s=args.poll,
             download_timeout=args.download_timeout, connect_timeout=args.connect_timeout, manifest_rows=mrows,
@@ -1054,9 +1190,14 @@ def run_batch(manifest: str | os.PathLike, *, client: Any, storage: Any, root: P
               stop: threading.Event | None = None, prefix: str | None = None, concurrency: int = 4,
               priority: str | None = None, max_attempts: int = 3, unreachable_timeout: float = 300.0,
               poll_s: float = 1.0, download_timeout: float = 30.0, connect_timeout: float = 30.0,
-              manifest_rows: list[ManifestRow] | None = None, row_timeout: float = 0) -> int:
+              manifest_rows: list[ManifestRow] | None = None, row_timeout: float = 0,
+              egress: EgressPolicy | None = None, scope: StorageScope | None = None) -> int:
     """Run one batch: check the rows, skip what an earlier run did, render the rest, write the
-    summary. Returns the exit code; raises `UsageError` when nothing can run."""
+    summary. Returns the exit code; raises `UsageError` when nothing can run.
+
+    `egress`: the rules for http(s) images (default: nothing beyond them allowed; `main` reads
+    `egress_allow` from the settings). `scope`: whose `s3://` keys rows may name (default: the
+    client's caller, asked of the farm)."""
     out = out or sys.stdout
     stop = stop or threading.Event()
     manifest = Path(manifest)
@@ -1066,13 +1207,15 @@ def run_batch(manifest: str | os.PathLike, *, client: Any, storage: Any, root: P
     prefix = normalize_prefix(prefix or default_prefix(manifest))
     limits = ImageLimits.from_info(check_farm(client, connect_timeout))
     previous = read_previous(storage, prefix)
+    egress = egress if egress is not None else EgressPolicy()
+    scope = scope if scope is not None else StorageScope(client)
     print(f"batch {manifest} ({len(mrows)} rows) -> farm {client.url}, summary {storage.url}/{prefix}",
           file=out, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="i2v-batch-") as spool:
         def check(mrow: ManifestRow) -> Row:
             return check_row(mrow, root=root, storage=storage, limits=limits, priority=priority, spool=Path(spool),
-                             download_timeout=download_timeout)
+                             download_timeout=download_timeout, egress=egress, scope=scope)
 
         with ThreadPoolExecutor(max_workers=min(8, len(mrows))) as pool:
             rows = []

@@ -27,12 +27,45 @@ class FarmClientError(I2VError):
     code = "client_error"
 
 
+#: Headers that carry a credential: never sent along a redirect to another origin.
+CREDENTIAL_HEADERS = ("Authorization", "Cookie", "Proxy-Authorization")
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Same scheme, host and port (an http -> https upgrade is another origin too)."""
+    from urllib.parse import urlsplit
+
+    def origin(url: str):
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            return None
+        return parts.scheme.lower(), (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(parts.scheme)
+
+    oa = origin(a)
+    return oa is not None and oa == origin(b)
+
+
+class CredentialSafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, but drops the token (and cookies) when one leads to another origin: the
+    farm's `GET /v1/jobs/{id}/video` answers 307 to a presigned S3 URL, whose host must not see it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and not same_origin(req.full_url, new.full_url):
+            for name in CREDENTIAL_HEADERS:
+                new.remove_header(name)
+        return new
+
+
 class FarmClient:
     def __init__(self, url: str = DEFAULT_URL, timeout: float = 60, token: str | None = None):
         """`token` (default: $I2V_TOKEN) is sent as `Authorization: Bearer` when the farm wants one."""
         self.token = token if token is not None else os.environ.get("I2V_TOKEN") or None
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self._opener = urllib.request.build_opener(CredentialSafeRedirects)
 
     def request(self, method: str, path: str, body: dict | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
@@ -42,7 +75,7 @@ class FarmClient:
                                               **({"Authorization": f"Bearer {self.token}"} if self.token else {}),
                                               **(headers or {})})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
                 status, hdrs = resp.status, dict(resp.headers)
         except urllib.error.HTTPError as exc:

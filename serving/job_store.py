@@ -5,16 +5,23 @@ by the job manager on the head node. A restarted farm reads back the queued and 
 schedules them again. A record is a JSON document with the job fields clients see (`id`,
 `status`, `vram_class`, `node`, `progress`, `params`, `estimate`, `timings`, `peak_vram_bytes`,
 `result`, `error`, `created_at`, ...) plus a few indexed columns for lookups and paging.
+
+The database and its `-wal`/`-shm` files hold every caller's prompts and parameters: they are made
+with `file_mode` (0600 by default) before SQLite opens them (SQLite gives -wal/-shm the mode of
+the database file) and chmod'ed again after opening, so a store made by an older farm is tightened.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from .files import DEFAULT_FILE_MODE, dir_mode_for, make_dirs, set_mode
 
 STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
@@ -37,17 +44,33 @@ CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, status, seq);
 class JobStore:
     """Thread-safe; one process writes (the job manager), any may read."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, file_mode: int = DEFAULT_FILE_MODE):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file_mode = file_mode
+        make_dirs(self.path.parent, dir_mode_for(file_mode))
         self._lock = threading.Lock()
+        if not self.path.exists():  # SQLite would create it 0644 (& ~umask), and -wal/-shm alike
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, file_mode))
+        self._set_modes()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._set_modes()  # -wal and -shm exist now
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
         if columns and "owner" not in columns:  # a store made before tokens existed
             self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT 'anonymous'")
         self._db.executescript(_SCHEMA)
+
+    def files(self) -> list[Path]:
+        """The database file and SQLite's companions (those that exist)."""
+        return [p for p in self._all_files() if p.exists()]
+
+    def _all_files(self) -> list[Path]:
+        return [self.path, *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm", "-journal"))]
+
+    def _set_modes(self) -> None:
+        for p in self._all_files():
+            set_mode(p, self.file_mode)
 
     def close(self) -> None:
         with self._lock:

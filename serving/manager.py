@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from monitoring.metrics import FarmMetrics
 
 from .backends import SIM
 from .config import FarmSettings
+from .files import apply_umask, atomic_write, make_dirs
 from .job_store import TERMINAL, JobStore
 from .scheduler import Backlogged, Fail, NoClassFits, QueuedJob, Retry, Scheduler, estimate_request
 from .storage import INPUT_NAMES, job_prefix
@@ -67,14 +67,15 @@ class Running:
 class JobManager:
     def __init__(self, settings: dict[str, Any], workers: dict[str, Any]):
         self.settings = FarmSettings.model_validate(settings)
+        apply_umask(self.settings)  # files of this process: file_mode (0600), directories 0700
         self.classes = self.settings.active_classes
         self.workers = workers  # class name -> DeploymentHandle of its Worker deployment
-        self.store = JobStore(self.settings.job_db)
+        self.store = JobStore(self.settings.job_db, file_mode=self.settings.file_mode_bits)
         self.metrics = FarmMetrics(self.classes)  # served at GET /metrics (monitoring/metrics.py)
         # Inputs wait here, beside the job store on the head node, until a worker has stored
         # them with the results: accepting a job never depends on the object store being up.
         self.inbox = Path(self.settings.job_db).parent / "inbox"
-        self.inbox.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.inbox, self.settings.dir_mode_bits, tighten=True)
         self.scheduler = Scheduler(
             self.classes,
             backlog_limit=self.settings.backlog_limit,
@@ -177,7 +178,7 @@ class JobManager:
             created_at = _now()
             prefix = job_prefix(job_id, created_at)
             input_name = INPUT_NAMES[image_format]
-            _write_durably(self._inbox_path(job_id), image)
+            atomic_write(self._inbox_path(job_id), image, self.settings.file_mode_bits)
             record = {
                 "id": job_id,
                 "owner": owner,
@@ -510,15 +511,6 @@ class JobManager:
 
 class _InputMissing(Exception):
     pass
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _error_reply(exc: I2VError) -> dict[str, Any]:

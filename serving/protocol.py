@@ -88,6 +88,14 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class Me(BaseModel):
+    """`GET /v1/me`: the calling token."""
+
+    name: str = Field(description="The token's name (with access control off: `anonymous`).")
+    admin: bool = Field(description="Sees and cancels every job.")
+    max_priority: Literal["low", "normal", "high"] = Field(description="Highest queue priority it may ask for.")
+
+
 class ClassStatus(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -116,6 +124,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in {
         400: "Bad request (malformed JSON, bad base64, corrupt or empty image)",
+        401: "A valid API token is required (access control on)",
+        403: "Not allowed: a priority above the token's `max_priority`, a cross-origin browser request, "
+             "or a proxied request to a farm with access control off",
         404: "No such job",
         409: "Not possible in the job's status",
         413: "Image too large",

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+
+from .files import DEFAULT_FILE_MODE, atomic_copy, atomic_write, dir_mode_for, make_dirs
 
 INPUT_NAMES = {"png": "input.png", "jpeg": "input.jpg", "webp": "input.webp"}
 VIDEO_NAME = "video.mp4"
@@ -70,12 +71,18 @@ def file_md5(path: str | os.PathLike) -> str:
 
 
 class LocalStorage:
-    """Objects as files under one directory (one machine, or a file system every node mounts)."""
+    """Objects as files under one directory (one machine, or a file system every node mounts).
+
+    Files are written with `file_mode` (the `file_mode` setting, default 0600) and the
+    directories the store creates (the root, job prefixes) with the matching dir mode (0700).
+    """
 
     kind = "file"
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, file_mode: int = DEFAULT_FILE_MODE):
         self.root = Path(root).expanduser().resolve()
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode_for(file_mode)
 
     @property
     def url(self) -> str:
@@ -88,26 +95,27 @@ class LocalStorage:
         return path
 
     def ensure_ready(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.root, self.dir_mode)
+
+    def _parent(self, dest: Path) -> None:
+        make_dirs(dest.parent, self.dir_mode)
 
     def put_file(self, key: str, source: str | os.PathLike, content_type_: str | None = None) -> StoredObject:
         dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
         try:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, dest)
+            self._parent(dest)
+            atomic_copy(source, dest, self.file_mode)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise StorageUnavailable(f"cannot write {dest}: {exc.strerror}") from exc
+            raise StorageUnavailable(f"cannot write {dest}: {exc.strerror or exc}") from exc
         return self.stat(key)
 
     def put_bytes(self, key: str, data: bytes, content_type_: str | None = None) -> StoredObject:
         dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
+        try:
+            self._parent(dest)
+            atomic_write(dest, data, self.file_mode)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot write {dest}: {exc.strerror or exc}") from exc
         return self.stat(key)
 
     def get_bytes(self, key: str) -> bytes:
@@ -294,7 +302,9 @@ def open_storage(settings: Any) -> Storage:
     """The store named by `settings.storage_url` (a FarmSettings, or a bare URL for file://)."""
     url = settings if isinstance(settings, str) else settings.storage_url
     if url.startswith("file://"):
-        return LocalStorage(url[len("file://"):])
+        if isinstance(settings, str):
+            return LocalStorage(url[len("file://"):])
+        return LocalStorage(url[len("file://"):], file_mode=getattr(settings, "file_mode_bits", DEFAULT_FILE_MODE))
     if url.startswith("s3://"):
         if isinstance(settings, str):
             raise ValueError("s3:// storage needs the S3 settings (endpoint, keys)")

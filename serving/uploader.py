@@ -6,7 +6,8 @@ store's ETag is one) before the spool copy is deleted. When the store is unreach
 stay spooled and a background thread in the worker retries with exponential backoff (1 s doubling
 to 60 s); when they are in, it tells the job manager, which only then marks the job `succeeded`.
 A replica that starts finds spooled jobs left by an earlier replica on its node and takes them
-over (a lock file makes sure only one replica uploads a job).
+over (a lock file makes sure only one replica uploads a job). The spool holds callers' inputs and
+videos: its directories get the dir mode and its files `file_mode` (0700/0600 by default).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .files import DEFAULT_FILE_MODE, atomic_write, dir_mode_for, make_dirs, set_mode
 from .storage import Storage, StorageUnavailable, content_type, file_md5
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,11 @@ class UploadMismatch(StorageUnavailable):
 
 
 class Spool:
-    def __init__(self, root: str | os.PathLike, storage: Storage):
+    def __init__(self, root: str | os.PathLike, storage: Storage, file_mode: int = DEFAULT_FILE_MODE):
         self.root = Path(root).expanduser()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.file_mode = file_mode
+        self.dir_mode = dir_mode_for(file_mode)
+        make_dirs(self.root, self.dir_mode, tighten=True)  # the farm's own directory
         self.storage = storage
         self._locks: dict[str, int] = {}
 
@@ -51,19 +55,21 @@ class Spool:
     def add(self, job_id: str, prefix: str, files: dict[str, Path | bytes], result: dict[str, Any]) -> Path:
         """Put a job's files (name -> path or bytes) in the spool, with a manifest; lock it."""
         d = self.job_dir(job_id)
-        d.mkdir(parents=True, exist_ok=True)
+        make_dirs(d, self.dir_mode)
         self._lock(job_id)
         entries = []
         for name, src in files.items():
             dest = d / name
             if isinstance(src, bytes):
-                dest.write_bytes(src)
-            elif Path(src) != dest:
-                shutil.move(str(src), dest)
+                atomic_write(dest, src, self.file_mode, durable=False)
+            else:
+                if Path(src) != dest:
+                    shutil.move(str(src), dest)
+                set_mode(dest, self.file_mode)  # made by someone else (ffmpeg): the spool's mode
             entries.append({"name": name, "key": prefix + name, "size": dest.stat().st_size, "md5": file_md5(dest)})
         manifest = {"job_id": job_id, "prefix": prefix, "files": entries, "result": result, "uploaded": False,
                     "spooled_at": time.time()}
-        _write_json(d / MANIFEST, manifest)
+        _write_json(d / MANIFEST, manifest, self.file_mode)
         return d
 
     def upload(self, job_id: str) -> dict[str, Any]:
@@ -80,7 +86,7 @@ class Spool:
                 put = self.storage.put_file(entry["key"], path, content_type(entry["name"]))
                 self._verify(entry, put)
             manifest["uploaded"] = True
-            _write_json(d / MANIFEST, manifest)
+            _write_json(d / MANIFEST, manifest, self.file_mode)
         return manifest
 
     def _verify(self, entry: dict[str, Any], put) -> None:
@@ -175,7 +181,5 @@ class BackgroundUploader:
                 self._backoff.pop(job_id, None)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+def _write_json(path: Path, data: dict[str, Any], mode: int = DEFAULT_FILE_MODE) -> None:
+    atomic_write(path, json.dumps(data, indent=2), mode)

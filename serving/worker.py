@@ -33,6 +33,7 @@ from pipeline.request import GenerationParams
 
 from .backends import make_backend
 from .config import FarmSettings
+from .files import apply_umask
 from .storage import PARAMS_NAME, POSTER_NAME, VIDEO_NAME, StorageUnavailable, open_storage
 from .uploader import BackgroundUploader, Spool
 
@@ -46,6 +47,7 @@ class Worker:
         import ray
 
         self.settings = FarmSettings.model_validate(settings)
+        apply_umask(self.settings)  # results, spool, ffmpeg's output: file_mode (0600), directories 0700
         self.vram_class = VramClass.model_validate(vram_class)
         self.storage = open_storage(self.settings)
         self.node = ray.get_runtime_context().get_node_id()
@@ -55,7 +57,8 @@ class Worker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
         from pipeline.loading import cache_dir
 
-        self.spool = Spool(self.settings.spool_dir or cache_dir() / "spool", self.storage)
+        self.spool = Spool(self.settings.spool_dir or cache_dir() / "spool", self.storage,
+                           file_mode=self.settings.file_mode_bits)
         self.uploader = BackgroundUploader(self.spool, self._notify_uploaded)
         for job_id in self.spool.claim_orphans():  # left by a replica that died on this node
             log.warning("resuming the upload of spooled job %s", job_id)

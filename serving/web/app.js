@@ -142,6 +142,32 @@
     });
   }
 
+  // Who is signed in (GET v1/me): priorities above the token's maximum are offered disabled, and a
+  // signed-in page user can sign out (POST v1/logout ends the session on the farm, not only here).
+  async function loadMe() {
+    let me;
+    try {
+      me = await api("GET", "v1/me");
+    } catch (err) {
+      return;  // 401: the sign-in form is shown
+    }
+    const order = ["low", "normal", "high"];
+    const max = order.indexOf(me.max_priority);
+    for (const option of $("priority").options) {
+      const rank = order.indexOf(option.value);
+      option.disabled = rank > max;
+      if (option.disabled) option.title = `this token may use priority up to ${me.max_priority}`;
+    }
+    if (order.indexOf($("priority").value) > max) $("priority").value = me.max_priority;
+    if (me.name === "anonymous" && me.admin) return;  // access control off: nothing to sign out of
+    const who = $("signed-in");
+    who.replaceChildren(`Signed in as ${me.name}${me.admin ? " (admin)" : ""} `,
+      el("button", { type: "button", class: "link", text: "Sign out", onclick: async () => {
+        try { await api("POST", "v1/logout"); } finally { location.reload(); }
+      } }));
+    who.hidden = false;
+  }
+
   // ---------------------------------------------------------------------------------- messages
 
   function describe(err) {
@@ -705,6 +731,7 @@
     wire();
     clusterLoop();
     await loadInfo();
+    loadMe();
     historyLoop();
   }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -127,6 +128,28 @@ def test_submit_client_waits_with_a_progress_bar_and_downloads(farm_up, tmp_path
     assert bad.returncode == 2 and "num_frames" in bad.stderr
 
 
+def test_up_runs_ray_with_token_auth_and_no_exposed_port_runs_code(farm_up, tmp_path):
+    """The review's attack on `up`'s own process tree: every socket beyond loopback gets a pickle
+    without the Ray token (refused, nothing runs); the token file is 0600 and in no output or log."""
+    from tests.ray_probe import assert_no_exposed_port_runs_code, cmdlines_holding, files_holding, session_dirs
+
+    proc, _, cwd, _ = farm_up
+    token_file = cwd / "outputs" / "ray_token"
+    assert f"Ray: token authentication on (token file {token_file})" in proc.output
+    assert "API tokens off: listening on 127.0.0.1 only; every local caller is admin" in proc.output
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) == 64
+
+    assert_no_exposed_port_runs_code([proc.p.pid], str(tmp_path), token)
+
+    sessions = session_dirs([proc.p.pid])
+    assert sessions
+    assert files_holding(token, sessions) == []
+    assert cmdlines_holding(token, [proc.p.pid]) == []
+    assert token not in proc.output
+
+
 def test_up_refuses_a_taken_port(farm_up, tmp_path):
     _, _, _, port = farm_up
     second = subprocess.run(CLI + ["up", "--port", str(port)], cwd=tmp_path, capture_output=True, text=True,
@@ -137,10 +160,32 @@ def test_up_refuses_a_taken_port(farm_up, tmp_path):
 
 def test_ctrl_c_stops_the_farm(tmp_path):
     port = free_port()
-    proc = Proc(["up", "--port", str(port), "--model", "sim", "--simulate", "12gb:1"], tmp_path)
+    proc = Proc(["up", "--port", str(port), "--model", "sim", "--simulate", "12gb:1", "--dashboard"], tmp_path)
     proc.wait_for("ready at", timeout=240)
     assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    _ray_cli_works_as_up_says(proc, tmp_path)
     assert proc.stop() == 0
     assert "stopped" in proc.output
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def _ray_cli_works_as_up_says(proc: Proc, tmp_path: Path) -> None:
+    """`up --dashboard` prints the shell line for `ray job submit` (the token FILE, never the token);
+    a shell with just those variables reaches the Jobs API, one without them is refused."""
+    import shlex
+
+    (line,) = [l for l in proc.output.splitlines() if " ray job submit --address " in l]
+    words = shlex.split(line)
+    assignments = dict(w.split("=", 1) for w in words[:words.index("ray")])
+    address = words[words.index("--address") + 1]
+    token_file = Path(assignments["RAY_AUTH_TOKEN_PATH"])
+    assert assignments["RAY_AUTH_MODE"] == "token" and token_file == tmp_path / "outputs" / "ray_token"
+    assert token_file.read_text().strip() not in proc.output
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    base["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    ray = [str(Path(sys.executable).parent / "ray"), "job", "list", "--address", address]
+    ok = subprocess.run(ray, env={**base, **assignments}, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    refused = subprocess.run(ray, env=base, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "Missing authentication token" in refused.stderr

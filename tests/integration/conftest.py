@@ -1,5 +1,7 @@
 """One shared simulated Ray cluster per test run (12gb:2, 24gb:1 fake-GPU nodes) with Serve on
-a free loopback port; each test module deploys the farm application it needs on it."""
+a free loopback port; each test module deploys the farm application it needs on it. The cluster
+runs with Ray's token authentication, as `i2v-farm up` starts it, so every test also proves the
+farm works with it (tests/integration/test_ray_auth.py probes it the way an attacker would)."""
 
 from __future__ import annotations
 
@@ -18,13 +20,16 @@ CLUSTER = "12gb:2,24gb:1"
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """The shared cluster: (SimulatedCluster, HTTP port of Serve's proxy)."""
+def ray_cluster(tmp_path_factory):
+    """The shared cluster: (SimulatedCluster, HTTP port of Serve's proxy). Token auth on: the token
+    file is `sim.auth_token_file`, the environment a separate process needs `sim.auth_env`."""
     from ray import serve
 
     from cluster.simulated import SimulatedCluster
 
-    sim = SimulatedCluster(CLUSTER, head_cpus=4, node_cpus=2, dashboard=True).start()  # Jobs API
+    token_file = tmp_path_factory.mktemp("ray-auth") / "ray_token"
+    sim = SimulatedCluster(CLUSTER, head_cpus=4, node_cpus=2, dashboard=True,  # Jobs API
+                           auth_token_file=token_file).start()
     try:
         sim.connect(namespace="i2v-tests", log_to_driver=False)
         port = free_port()

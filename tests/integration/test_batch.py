@@ -78,6 +78,7 @@ def _workdir(tmp_path: Path, manifest_name: str, manifest_text: str) -> Path:
 def _submit(jobs, farm, work: Path, args: str) -> str:
     env = {
         "I2V_STORAGE_URL": farm.settings.storage_url,
+        "I2V_EGRESS_ALLOW": "127.0.0.1",  # the image server of these tests is on loopback (refused by default)
         # `python` of the entrypoint is the farm's environment (here: the test's virtualenv)
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         **LOOPBACK_ENV,

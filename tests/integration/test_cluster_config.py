@@ -106,3 +106,19 @@ def test_simulated_cluster_runs_on_loopback_with_class_nodes():
     with pytest.raises(RuntimeError):
         sim.nodes()
     assert time.monotonic() - t0 < 60
+
+
+def test_cluster_yaml_gives_every_node_the_ray_token_and_token_auth():
+    """Every `ray start` (head and workers) runs with RAY_AUTH_MODE=token and the token file the
+    launcher copies to every node (never a token value in the file)."""
+    config = prepared_config()
+    mounted = config["file_mounts"]
+    (token_mount,) = [target for target, source in mounted.items() if source.endswith("/ray_token")]
+    setup = "\n".join(config["setup_commands"])
+    assert f"chmod 600 {token_mount}" in setup
+    assert "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=" in setup and "~/i2v-farm-ray-auth.sh" in setup
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        before = start[:start.index("ray start")]
+        assert ". ~/i2v-farm-ray-auth.sh;" in before and "umask 077;" in before, key
+    assert "RAY_AUTH_TOKEN=" not in CLUSTER_YAML.read_text()  # the token travels as a file, never inline

@@ -146,7 +146,32 @@ def test_killed_worker_mid_job_does_not_lose_the_job(farm):
     assert [f["code"] for f in done["failures"]] == ["worker_died"]
     assert done["failures"][0]["node"] == running["node"]
     assert done["result"]["frames"] == 16
+    _replaced(running["replica"])
     _idle(farm)  # Serve has replaced the killed replica before the next test
+
+
+def _replaced(killed: str, deployment: str = "Worker_12gb", timeout: float = 120) -> None:
+    """Wait until Serve has replaced the killed replica and the replacement runs.
+
+    Serve's controller notices the death only at its next health check of that replica (seconds
+    after the job manager saw it): until then it still counts the dead replica as running, and
+    `_idle` alone could pass on that stale count and the next test see one replica fewer.
+    """
+    from ray import serve
+
+    from serving.app import APP_NAME
+
+    wanted = WORKERS[deployment.removeprefix("Worker_")]["max_replicas"]
+    deadline = time.monotonic() + timeout
+    while True:
+        others = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if f"#{deployment}#" in a["name"] and a["name"] != killed]
+        dep = serve.status().applications[APP_NAME].deployments[deployment]
+        states = {str(getattr(k, "value", k)): n for k, n in dep.replica_states.items() if n}
+        if len(others) == wanted and states == {"RUNNING": wanted}:
+            return
+        assert time.monotonic() < deadline, f"Serve did not replace the killed replica: {states}"
+        time.sleep(0.2)
 
 
 def test_api_answers(farm):

@@ -63,6 +63,144 @@ def test_token_command_creates_lists_and_revokes(tmp_path):
     assert entries[0]["name"] == "ops" and entries[0]["admin"] and token not in json.dumps(entries)
     listed = run("list")
     assert "ops\tadmin\t10/min" in listed.stdout and token not in listed.stdout
+    assert "priority up to high" in listed.stdout
+    made = run("create", "vip", "--max-priority", "high")
+    assert made.returncode == 0 and json.loads((tmp_path / "t.json").read_text())[1]["max_priority"] == "high"
+    assert "vip\tuser\t30/min\tmax 20 active\tpriority up to high" in run("list").stdout
+    assert run("create", "x", "--max-priority", "urgent").returncode == 2  # argparse: not a choice
+    assert run("create", "week", "--expires-days", "7").returncode == 0
+    assert "\texpires 20" in [line for line in run("list").stdout.splitlines() if line.startswith("week")][0]
     assert run("revoke", "ops").returncode == 0
     gone = run("revoke", "ops")
     assert gone.returncode == 2 and "no token named 'ops'" in gone.stderr
+
+
+# --- issue 14: sessions, origins, proxies, redirects, headers, priorities ------------------------
+
+def test_sessions_are_random_ids_that_expire_and_are_revoked():
+    from serving.auth import SessionStore
+
+    now = [1000.0]
+    sessions = SessionStore(ttl_s=60, per_token=2, clock=lambda: now[0])
+    th = hash_token("i2v_secret")
+    sid = sessions.create(th)
+    assert "i2v_secret" not in sid and len(sid) >= 40 and sessions.token_hash(sid) == th
+    assert sessions.token_hash(sid + "x") is None and sessions.token_hash(None) is None
+    assert sessions.revoke(sid) and sessions.token_hash(sid) is None and not sessions.revoke(sid)  # logout
+    sid = sessions.create(th)
+    now[0] += 61
+    assert sessions.token_hash(sid) is None  # expired
+    a, b, c = sessions.create(th), sessions.create(th), sessions.create(th)
+    assert sessions.token_hash(a) is None and sessions.token_hash(b) == sessions.token_hash(c) == th  # per_token cap
+    other = sessions.create(hash_token("i2v_other"))
+    assert sessions.revoke_token(th) == 2 and sessions.token_hash(c) is None and sessions.token_hash(other)
+
+
+def test_token_max_priority_defaults_to_normal_and_admins_get_high(tmp_path):
+    from serving.auth import Caller
+
+    store = TokenStore(tmp_path / "tokens.json")
+    low = store.verify(store.create("low", max_priority="low"))
+    normal = store.verify(store.create("normal"))
+    ops = store.verify(store.create("ops", admin=True))
+    assert (low.max_priority, normal.max_priority, ops.max_priority) == ("low", "normal", "high")
+    assert low.may_use("low") and not low.may_use("normal") and normal.may_use("normal")
+    assert not normal.may_use("high") and ops.may_use("high") and normal.may_use(None)
+    with pytest.raises(ValueError):
+        store.create("x", max_priority="urgent")
+    # a tokens file written before max_priority existed reads as normal
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps([{"name": "bob", "sha256": hash_token("i2v_b"), "admin": False,
+                                "rate_per_min": 5, "max_active": 2}]))
+    assert TokenStore(old).verify("i2v_b") == Caller("bob", False, 5, 2, "normal")
+    assert TokenStore(old).by_hash(hash_token("i2v_b")).name == "bob"
+
+
+@pytest.mark.parametrize("origin, fetch_site, ok", [
+    (None, None, True),                              # curl, the CLI: no browser headers
+    ("http://127.0.0.1:8000", "same-origin", True),
+    ("http://127.0.0.1:8000", None, True),
+    ("http://127.0.0.1:8001", None, False),          # another port: another origin, same site
+    ("http://127.0.0.1:8000", "same-site", False),
+    ("https://127.0.0.1:8000", None, False),         # another scheme
+    ("http://evil.example", "cross-site", False),
+    ("null", None, False),                           # sandboxed iframe, data: page
+    (None, "cross-site", False),
+])
+def test_origin_check_of_state_changing_requests(origin, fetch_site, ok):
+    from serving.auth import origin_allowed
+
+    assert origin_allowed(origin, fetch_site, "http", "127.0.0.1:8000") is ok
+
+
+def test_forwarded_headers_are_believed_only_from_trusted_proxies():
+    from serving.auth import client_address, parse_networks, request_host, request_scheme
+
+    trusted = parse_networks(["10.0.0.0/8", "localhost"])
+    fwd = {"x-forwarded-for": "203.0.113.7, 10.0.0.2", "x-forwarded-proto": "https", "x-forwarded-host": "farm.org"}
+    assert client_address("10.0.0.3", fwd, trusted) == "203.0.113.7"
+    assert request_scheme("http", "10.0.0.3", fwd, trusted) == "https"
+    assert request_host("10.0.0.3", {**fwd, "host": "127.0.0.1:8000"}, trusted) == "farm.org"
+    # an untrusted peer: its own address, its claims ignored
+    assert client_address("198.51.100.9", fwd, trusted) == "198.51.100.9"
+    assert request_scheme("https", "198.51.100.9", fwd, trusted) == "http"
+    assert request_host("198.51.100.9", {**fwd, "host": "h:1"}, trusted) == "h:1"
+    assert client_address("198.51.100.9", fwd, []) == "198.51.100.9"
+    # Serve's uvicorn already swapped in X-Forwarded-For's address (a loopback peer): no trusted proxies
+    assert client_address("10.0.0.2", fwd, []) == "127.0.0.1"
+    assert request_scheme("https", "10.0.0.2", fwd, []) == "http"
+    assert request_scheme("https", "1.2.3.4", {}, []) == "https"  # TLS at Serve itself
+
+
+def test_credentials_are_dropped_on_a_redirect_to_another_origin():
+    import urllib.request
+
+    from serving.client import CredentialSafeRedirects, same_origin
+
+    assert same_origin("http://a:80/x", "http://a/y") and not same_origin("http://a:8000/", "http://a:9000/")
+    assert not same_origin("https://a/", "http://a/") and not same_origin("http://a/", "http://b/")
+    handler = CredentialSafeRedirects()
+    req = urllib.request.Request("http://127.0.0.1:8000/v1/jobs/x/video",
+                                 headers={"Authorization": "Bearer i2v_t", "Cookie": "i2v_session=s"})
+    away = handler.redirect_request(req, None, 307, "", {}, "http://127.0.0.1:9000/bucket/v.mp4?X-Amz-Signature=1")
+    assert not away.has_header("Authorization") and not away.has_header("Cookie")
+    home = handler.redirect_request(req, None, 307, "", {}, "http://127.0.0.1:8000/elsewhere")
+    assert home.get_header("Authorization") == "Bearer i2v_t"
+
+
+def test_security_headers_forbid_framing_sniffing_referrers_and_foreign_scripts():
+    from serving.auth import security_headers
+
+    h = security_headers(media_origins=["https://files.example.org"])
+    csp = dict(d.strip().split(" ", 1) for d in h["Content-Security-Policy"].split(";"))
+    assert csp["default-src"] == "'self'" and csp["script-src"] == "'self'" and csp["style-src"] == "'self'"
+    assert csp["frame-ancestors"] == "'none'" and csp["object-src"] == "'none'"
+    assert "https://files.example.org" in csp["media-src"] and "blob:" in csp["img-src"]
+    assert "unsafe" not in h["Content-Security-Policy"]
+    assert h["X-Frame-Options"] == "DENY" and h["X-Content-Type-Options"] == "nosniff"
+    assert h["Referrer-Policy"] == "no-referrer"
+    assert "unsafe-eval" not in security_headers(docs=True)["Content-Security-Policy"]
+
+
+def test_stream_limiter_caps_per_caller():
+    from serving.auth import StreamLimiter
+
+    lim = StreamLimiter(2)
+    assert lim.acquire("a") and lim.acquire("a") and not lim.acquire("a") and lim.acquire("b")
+    lim.release("a")
+    assert lim.acquire("a") and lim.count("a") == 2
+
+
+def test_an_expired_token_stops_working(tmp_path, monkeypatch):
+    import serving.auth as auth
+
+    store = TokenStore(tmp_path / "tokens.json")
+    token = store.create("temp", expires_in_s=3600)
+    forever = store.create("forever")
+    assert store.verify(token).name == "temp" and store.by_hash(hash_token(token)).name == "temp"
+    later = time.time() + 3601
+    monkeypatch.setattr(auth.time, "time", lambda: later)
+    assert store.verify(token) is None and store.by_hash(hash_token(token)) is None
+    assert store.verify(forever).name == "forever"
+    with pytest.raises(ValueError):
+        store.create("never", expires_in_s=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from serving import batch
-from serving.batch import (ImageLimits, ManifestRow, RowError, UsageError, assign_ids, check_row, parse_manifest,
-                           read_image, read_manifest, run_batch)
+from serving.batch import (ImageLimits, ManifestRow, RowError, StorageScope, UsageError, assign_ids, check_row,
+                           parse_manifest, read_image, read_manifest, run_batch)
 from serving.client import FarmClientError
 from serving.storage import LocalStorage
 from tests.helpers import make_image
@@ -101,6 +102,7 @@ def storage(tmp_path):
 
 
 def _check(rows, root, storage, spool, **kw):
+    kw.setdefault("scope", StorageScope.admin())
     checked = [check_row(m, root=root, storage=storage, limits=ImageLimits(), spool=spool, **kw) for m in rows]
     assign_ids(checked)
     return checked
@@ -149,9 +151,9 @@ def test_s3_keys_are_read_from_the_farms_storage_and_spooled(workdir, storage, t
     [row] = _check(_rows({"image": "s3://uploads/cat.png", "prompt": "p"}), workdir, storage, spool)
     assert row.status == "pending" and row.image_path.parent == spool
     assert row.image_path.read_bytes() == png(seed=7)
-    with pytest.raises(RowError, match="escapes the storage root") as err:
-        read_image("s3://../x.png", root=workdir, storage=storage, limits=ImageLimits())
-    assert err.value.status == "invalid"
+    with pytest.raises(RowError, match="bad storage key") as err:
+        read_image("s3://../x.png", root=workdir, storage=storage, limits=ImageLimits(), scope=StorageScope.admin())
+    assert err.value.status == "invalid" and err.value.code == "bad_image_source"
 
 
 def test_images_over_the_farms_limit_are_refused(workdir, storage):
@@ -215,6 +217,7 @@ class FakeFarm:
         self.hold = threading.Event()  # jobs stay running until set
         self.hold.set()
         self.refuse: dict[str, tuple[int, str]] = {}  # prompt -> (status, code)
+        self.me = {"name": "anonymous", "admin": True, "max_priority": "high"}  # GET /v1/me
         self.lock = threading.Lock()
 
     def request(self, method, path, body=None, headers=None):
@@ -223,6 +226,8 @@ class FakeFarm:
         with self.lock:
             if method == "GET" and path == "/v1/info":
                 return 200, {"image": {"max_bytes": 20 * 2**20, "max_pixels": 36_000_000, "min_side": 64}}, {}
+            if method == "GET" and path == "/v1/me":
+                return 200, dict(self.me), {}
             if method == "POST" and path == "/v1/jobs":
                 return self._submit(body, headers or {})
             if method == "GET" and path.startswith("/v1/jobs/"):
@@ -439,7 +444,16 @@ def test_a_deleted_video_renders_again_and_a_changed_image_is_a_new_row(workdir,
     assert farm.created == 4 and lines[1]["id"] == "sku-2" and lines[1]["status"] == "succeeded"
 
 
-def test_main_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def keep_umask():
+    """`main()` sets the process umask (`file_mode`); put pytest's back afterwards."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
+
+
+def test_main_usage_errors_exit_2(tmp_path, monkeypatch, capsys, keep_umask):
     monkeypatch.chdir(tmp_path)
     assert batch.main(["missing.jsonl"]) == 2
     assert "no manifest" in capsys.readouterr().err
@@ -454,3 +468,112 @@ def test_main_usage_errors_exit_2(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("I2V_STORAGE_URL", "file://./outputs")
     assert batch.main(["m.jsonl"]) == 2
     assert "temporary working directory" in capsys.readouterr().err
+
+
+# --- whose s3:// keys, and egress -----------------------------------------------------------------
+
+ALICE_JOB, BOB_JOB = "a1" * 16, "b0" * 16
+
+
+class Identity:
+    """The two farm calls the scope makes (`GET /v1/me`, `GET /v1/jobs/<id>`), as one caller sees them."""
+
+    url = "http://fake-farm"
+
+    def __init__(self, name="alice", admin=False, me_status=200):
+        self.name, self.admin, self.me_status = name, admin, me_status
+        self.jobs = {ALICE_JOB: "alice", BOB_JOB: "bob"}
+        self.calls: list[str] = []
+
+    def request(self, method, path, body=None, headers=None):
+        self.calls.append(path)
+        if path == "/v1/me":
+            if self.me_status != 200:
+                return self.me_status, {"error": {"code": "x", "message": "no"}}, {}
+            return 200, {"name": self.name, "admin": self.admin, "max_priority": "normal"}, {}
+        job_id = path.rsplit("/", 1)[1]
+        owner = self.jobs.get(job_id)
+        if owner is None or not (self.admin or owner == self.name):
+            return 404, {"error": {"code": "not_found", "message": "no job"}}, {}
+        return 200, {"id": job_id, "owner": owner, "created_at": "2026-01-01T10:00:00+00:00",
+                     "prefix": f"jobs/2026/01/01/{job_id}/"}, {}
+
+
+@pytest.fixture
+def stored(storage):
+    for key, seed in (("uploads/alice/a.png", 1), ("uploads/bob/b.png", 2), ("uploads/top.png", 3),
+                      (f"jobs/2026/01/01/{ALICE_JOB}/input.png", 4), (f"jobs/2026/01/01/{BOB_JOB}/input.png", 5)):
+        storage.put_bytes(key, png(seed=seed))
+    return storage
+
+
+def _read(key, stored, workdir, scope):
+    return read_image("s3://" + key, root=workdir, storage=stored, limits=ImageLimits(), scope=scope)
+
+
+def test_s3_keys_only_within_the_callers_uploads_and_jobs(stored, workdir):
+    alice = Identity("alice")
+    scope = StorageScope(alice)
+    assert _read("uploads/alice/a.png", stored, workdir, scope) == png(seed=1)
+    assert _read(f"jobs/2026/01/01/{ALICE_JOB}/input.png", stored, workdir, scope) == png(seed=4)
+    for key, words in (("uploads/bob/b.png", "uploads/alice/"),
+                       ("uploads/bob/missing.png", "uploads/alice/"),  # not "not found": existence is not told
+                       ("uploads/top.png", "uploads/alice/"),
+                       ("uploads/alicex/a.png", "uploads/alice/"),
+                       ("batches/m/summary.jsonl", "uploads/alice/"),
+                       (f"jobs/2026/01/01/{BOB_JOB}/input.png", f"job {BOB_JOB} is not one of 'alice'"),
+                       (f"jobs/2026/01/02/{ALICE_JOB}/input.png", "is not one of"),  # not that job's prefix
+                       ):
+        with pytest.raises(RowError) as err:
+            _read(key, stored, workdir, scope)
+        assert (err.value.status, err.value.code, err.value.field) == ("invalid", "image_forbidden", "image"), key
+        assert words in err.value.message and f"s3://{key} is not yours" in err.value.message
+    for key in ("uploads/alice/../bob/b.png", "uploads/alice//a.png", "./uploads/alice/a.png", "uploads/alice/"):
+        with pytest.raises(RowError) as err:
+            _read(key, stored, workdir, scope)
+        assert err.value.code == "bad_image_source", key
+    # the farm is asked once who the caller is, and once per job
+    assert alice.calls.count("/v1/me") == 1 and alice.calls.count(f"/v1/jobs/{BOB_JOB}") == 1
+
+
+def test_an_admin_token_reads_any_key_and_without_a_caller_none(stored, workdir):
+    scope = StorageScope(Identity("ops", admin=True))
+    assert _read("uploads/bob/b.png", stored, workdir, scope) == png(seed=2)
+    assert _read(f"jobs/2026/01/01/{ALICE_JOB}/input.png", stored, workdir, scope) == png(seed=4)
+    with pytest.raises(RowError, match="no object"):
+        _read("uploads/none.png", stored, workdir, scope)
+    for scope, words in ((StorageScope(Identity(me_status=401)), "valid token"),
+                         (StorageScope(Identity(me_status=404)), "does not say who"),
+                         (StorageScope.nobody(), "not yours"),
+                         (None, "not yours")):
+        with pytest.raises(RowError, match=words) as err:
+            _read("uploads/alice/a.png", stored, workdir, scope)
+        assert err.value.code == "image_forbidden"
+
+
+def test_a_run_refuses_other_callers_keys_and_inside_urls_as_row_errors(workdir, farm, stored):
+    farm.me = {"name": "alice", "admin": False, "max_priority": "normal"}
+    rows = [{"image": "s3://uploads/alice/a.png", "prompt": "mine"},
+            {"image": "s3://uploads/bob/b.png", "prompt": "theirs"},
+            {"image": "http://127.0.0.1:8000/metrics", "prompt": "the farm's own metrics"},
+            {"image": "http://169.254.169.254/latest/meta-data/iam/", "prompt": "metadata"},
+            {"image": "img/a.png", "prompt": "local"}]
+    code, lines, summary, log = _run(workdir, farm, stored, _manifest(workdir, rows))
+    assert code == 0, log
+    assert [(l["status"], (l["error"] or {}).get("code")) for l in lines] == [
+        ("succeeded", None), ("invalid", "image_forbidden"), ("invalid", "egress_refused"),
+        ("invalid", "egress_refused"), ("succeeded", None)]
+    assert "loopback" in lines[2]["error"]["message"] and "metadata" in lines[3]["error"]["message"]
+    assert farm.posts == 2 and {j["params"]["prompt"] for j in farm.jobs.values()} == {"mine", "local"}
+    assert "s3://uploads/bob/b.png is not yours" in log and "egress refused" in log
+
+
+def test_the_batch_reads_egress_allow_from_its_environment():
+    settings = batch.batch_settings({"I2V_EGRESS_ALLOW": "127.0.0.1, images.internal,10.0.0.0/8"})
+    assert settings.egress_allow == ["127.0.0.1", "images.internal", "10.0.0.0/8"]
+    policy = batch.EgressPolicy.from_settings(settings)
+    policy.check_address("127.0.0.1", "127.0.0.1")
+    policy.check_address("images.internal", "192.168.0.4")
+    with pytest.raises(batch.EgressRefused):
+        policy.check_address("127.0.0.2", "127.0.0.2")
+    assert batch.batch_settings({}).egress_allow == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import stat
 import subprocess
 
 import pytest
@@ -219,6 +220,20 @@ def test_bad_head_address(address):
 
 # --- `i2v-farm join` through argparse -----------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _token_file(tmp_path, monkeypatch):
+    """`i2v-farm join` of these tests keeps its Ray token under tmp_path (never ./outputs)."""
+    path = tmp_path / "farm" / "ray_token"
+    monkeypatch.setenv("I2V_RAY_TOKEN_FILE", str(path))
+    monkeypatch.delenv("I2V_RAY_AUTH", raising=False)
+    return path
+
+
+def auth_prefix(path) -> str:
+    """What `i2v-farm join` puts before `ray start`: a private umask and the token's file."""
+    return f"umask 077; RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={path} "
+
+
 def run_join(argv, detected, capsys):
     parser = argparse.ArgumentParser(prog="i2v-farm")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,7 +249,8 @@ def test_join_prints_gpus_and_the_worker_line(capsys):
     assert code == 0 and err == ""
     lines = out.splitlines()
     assert any(l.split() == ["1", "NVIDIA", "GeForce", "RTX", "4090", "24.0", "GiB", "class", "24gb"] for l in lines)
-    assert lines[-1] == "ray start --address=10.0.0.5:6379 --num-gpus=1 --resources='{\"vram_24gb\": 1}'"
+    assert lines[-1] == auth_prefix(_token_file_of()) + (
+        "ray start --address=10.0.0.5:6379 --num-gpus=1 --resources='{\"vram_24gb\": 1}'")
 
 
 def test_join_lists_every_gpu_with_its_class(capsys):
@@ -250,7 +266,8 @@ def test_join_as_head_without_gpu_prints_the_head_line(capsys):
     code, out, err = run_join([], [], capsys)
     assert code == 0 and err == ""
     assert "No NVIDIA GPU" in out
-    assert out.splitlines()[-1] == "ray start --head --port=6379 --resources='{\"i2v_head\": 1}'"
+    assert out.splitlines()[-1] == auth_prefix(_token_file_of()) + (
+        "ray start --head --port=6379 --resources='{\"i2v_head\": 1}'")
 
 
 def test_join_worker_without_gpu_exits_2(capsys):
@@ -286,8 +303,50 @@ def test_join_uses_the_module_detector_by_default(monkeypatch, capsys):
     add_join_command(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["join", "--head", "h:1234"])
     assert args.func(args) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == (
+    assert capsys.readouterr().out.splitlines()[-1] == auth_prefix(_token_file_of()) + (
         "ray start --address=h:1234 --num-gpus=1 --resources='{\"vram_80gb\": 1}'")
+
+
+def _token_file_of() -> str:
+    import os
+
+    return os.environ["I2V_RAY_TOKEN_FILE"]
+
+
+def test_join_head_creates_the_token_file_0600_and_never_prints_the_token(capsys, _token_file):
+    code, out, err = run_join([], [], capsys)
+    assert code == 0 and err == ""
+    assert stat.S_IMODE(_token_file.stat().st_mode) == 0o600
+    token = _token_file.read_text()
+    assert len(token) == 64 and token not in out
+    command = out.splitlines()[-1]
+    assert command.startswith(f"umask 077; RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={_token_file} ray start --head")
+    assert f"RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={_token_file}" in out  # for `ray job submit` shells
+    # a second run keeps the token (joined nodes keep working)
+    assert run_join([], [], capsys)[0] == 0 and _token_file.read_text() == token
+
+
+def test_join_worker_says_how_to_copy_the_token_and_creates_nothing(capsys, _token_file):
+    code, out, _ = run_join(["--head", "10.0.0.5"], [RTX4090], capsys)
+    assert code == 0 and not _token_file.exists()
+    assert "umask 077" in out and "chmod 600" in out and "scp HEAD:" in out and "not there yet" in out
+    args = shlex.split(out.splitlines()[-1].removeprefix("umask 077; "))
+    assert args[:3] == ["RAY_AUTH_MODE=token", f"RAY_AUTH_TOKEN_PATH={_token_file}", "ray"]
+
+
+def test_join_token_file_flag_and_job_db_default(capsys, monkeypatch, tmp_path):
+    code, out, _ = run_join(["--head", "h", "--token-file", str(tmp_path / "t")], [RTX4090], capsys)
+    assert code == 0 and f"RAY_AUTH_TOKEN_PATH={tmp_path / 't'} ray start" in out.splitlines()[-1]
+    monkeypatch.delenv("I2V_RAY_TOKEN_FILE")
+    monkeypatch.setenv("I2V_JOB_DB", str(tmp_path / "state" / "jobs.sqlite3"))
+    assert join_mod.default_token_file() == str(tmp_path / "state" / "ray_token")
+
+
+def test_join_with_ray_auth_off_warns_and_prints_the_plain_line(capsys, monkeypatch):
+    monkeypatch.setenv("I2V_RAY_AUTH", "off")
+    code, out, _ = run_join(["--head", "10.0.0.5"], [RTX4090], capsys)
+    assert code == 0 and "WARNING" in out and "RAY_AUTH" not in out.splitlines()[-1]
+    assert out.splitlines()[-1] == "ray start --address=10.0.0.5:6379 --num-gpus=1 --resources='{\"vram_24gb\": 1}'"
 
 
 def test_join_with_a_bad_head_address_exits_2(capsys):

@@ -611,3 +611,129 @@ def test_deploy_readme_names_only_files_that_exist():
     user_made = {"deploy/compose/.env", "deploy/farm.env"}
     missing = [p for p in paths if not (ROOT / p).exists() and p not in user_made]
     assert missing == []
+
+
+# --- Ray's token auth, secrets and exposure (docs/security.md) -------------------------------------
+
+SECRET_NAME = re.compile(r"(PASSWORD|SECRET|TOKEN)$")
+
+
+def test_compose_ships_no_fixed_secret_and_requires_each():
+    env = env_example()
+    secrets = [k for k in env if SECRET_NAME.search(k)]
+    assert {"MINIO_ROOT_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "RAY_AUTH_TOKEN"} <= set(secrets)
+    assert {k: env[k] for k in secrets if env[k]} == {}  # empty in the example: gen-env.sh or the operator
+    text = COMPOSE.read_text()
+    for m in VAR.finditer(text):
+        if SECRET_NAME.search(m["name"]):
+            assert m["op"] == ":?", f"${{{m['name']}}} must be required (:?), never defaulted"
+    # every value a secret setting gets in compose.yaml is a required variable, never a literal
+    for name, service in compose()["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if SECRET_NAME.search(key) or key.endswith("_SECRET_KEY"):
+                assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]+\}", str(value)), (name, key, value)
+
+
+def test_compose_publishes_on_loopback_unless_the_operator_opts_in():
+    env = env_example()
+    assert env["I2V_PUBLISH_ADDR"] == "127.0.0.1"
+    for name, service in compose()["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith(("${I2V_PUBLISH_ADDR:-127.0.0.1}:", "127.0.0.1:")), (name, port)
+            assert interpolate(port, {}).startswith("127.0.0.1:"), (name, port)  # .env without the setting
+    head_ports = [interpolate(p, env) for p in compose()["services"]["ray-head"]["ports"]]
+    assert any(p.endswith(":8265") and p.startswith("127.0.0.1:") for p in head_ports)  # dashboard: never opted in
+
+
+def test_compose_runs_every_ray_container_with_token_auth():
+    services = compose()["services"]
+    ray_services = [n for n, s in services.items() if "I2V_STORAGE_URL" in (s.get("environment") or {})]
+    assert {"ray-head", "gpu-12gb", "gpu-24gb", "gpu-40gb", "gpu-80gb"} <= set(ray_services)
+    for name in ray_services:
+        env = services[name]["environment"]
+        assert env["RAY_AUTH_MODE"] == "token", name
+        assert env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
+
+
+def test_gen_env_makes_a_private_env_with_random_secrets_and_never_overwrites(tmp_path):
+    out = tmp_path / ".env"
+    script = COMPOSE_DIR / "gen-env.sh"
+    run = subprocess.run(["sh", str(script), str(out)], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    made = dict(line.split("=", 1) for line in out.read_text().splitlines() if line and not line.startswith("#"))
+    example = env_example()
+    assert set(made) == set(example)
+    for key, value in made.items():
+        if SECRET_NAME.search(key):
+            assert re.fullmatch(r"[0-9a-f]{64}", value), key
+            assert value not in run.stdout + run.stderr
+        else:
+            assert value == example[key], key
+    second = tmp_path / ".env2"
+    subprocess.run(["sh", str(script), str(second)], check=True, capture_output=True, timeout=30)
+    assert made["RAY_AUTH_TOKEN"] not in second.read_text()  # random each time
+    before = out.read_text()
+    again = subprocess.run(["sh", str(script), str(out)], capture_output=True, text=True, timeout=30)
+    assert again.returncode != 0 and out.read_text() == before
+
+
+def ray_containers(cluster: dict):
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        yield from group["template"]["spec"]["containers"]
+
+
+def test_rayservice_runs_ray_with_token_auth_from_a_secret():
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    secret = cluster["authOptions"]["secretName"]
+    assert cluster["authOptions"]["mode"] == "token"
+    for container in ray_containers(cluster):
+        env = {e["name"]: e for e in container["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": secret, "key": "auth_token"}}
+    # the Secret is the operator's (created with a random token), never a manifest with a value
+    for name in ("rayservice.yaml", "minio.yaml", "models.yaml", "monitoring.yaml"):
+        assert not [d for d in k8s_docs(name) if d["kind"] == "Secret"], name
+    assert f"kubectl create secret generic {secret} --from-literal=auth_token=$(openssl rand" in (
+        KUBERAY / "rayservice.yaml").read_text()
+
+
+def _policy_allows(policy: dict, source: dict[str, str], port: int) -> bool:
+    """Whether a NetworkPolicy lets a pod with labels `source` (any namespace) reach `port`."""
+    for rule in policy["spec"]["ingress"]:
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        peers = rule.get("from")
+        if not peers:
+            return True
+        for peer in peers:
+            wanted = peer.get("podSelector", {}).get("matchLabels", {})
+            if wanted.items() <= source.items():
+                return True
+    return False
+
+
+def test_networkpolicy_lets_only_the_farms_pods_reach_rays_ports():
+    policy = k8s_doc("rayservice.yaml", "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    farm_pods = [g["template"]["metadata"]["labels"] for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
+    assert all(selector.items() <= labels.items() for labels in farm_pods)  # it covers every Ray pod
+    ray_ports = [6379, 8265, 10001, 52365, 8080, 8076, 45678]  # GCS, dashboard, client, agent, metrics, OM, a worker
+    stranger, operator, prometheus = {}, {"app.kubernetes.io/name": "kuberay-operator"}, {
+        "app.kubernetes.io/name": "prometheus"}
+    for port in ray_ports:
+        assert not _policy_allows(policy, stranger, port), port
+        assert _policy_allows(policy, farm_pods[0], port) and _policy_allows(policy, farm_pods[-1], port), port
+    assert _policy_allows(policy, stranger, 8000)  # the API and web page
+    assert [p for p in ray_ports if _policy_allows(policy, operator, p)] == [8265, 52365]
+    assert [p for p in ray_ports if _policy_allows(policy, prometheus, p)] == [8080]
+    assert not _policy_allows(policy, {"app.kubernetes.io/name": "minio"}, 6379)
+
+
+def test_serve_service_exposes_only_the_http_port():
+    service = rayservice()["spec"]["serveService"]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert [p["port"] for p in service["spec"]["ports"]] == [serve_config()["http_options"]["port"]] == [8000]
