@@ -140,8 +140,9 @@ class FarmSettings(BaseModel):
     @property
     def dir_mode_bits(self) -> int:
         """Directory mode from `file_mode`: x wherever r is set (0o600 -> 0o700, 0o640 -> 0o750)."""
-        mode = self.file_mode_bits
-        return mode | ((mode & 0o444) >> 2)
+        from .files import dir_mode_for
+
+        return dir_mode_for(self.file_mode_bits)
 
     @field_validator("storage_url")
     @classmethod

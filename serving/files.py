@@ -126,38 +126,27 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, mode: int = DEFAULT
                  durable: bool = True) -> Path:
     """Write `data` to `path` all or nothing: a temporary file beside it, created with `mode`,
     written, fsync'ed (`durable`), renamed over `path` (and the directory fsync'ed)."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode()
-    tmp = _temp_name(path)
-    fd = _open_new(tmp, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    if durable:
-        _fsync_dir(path.parent)
-    return path
+    payload = data.encode() if isinstance(data, str) else data
+    return _atomic(path, lambda f: f.write(payload), mode, durable)
 
 
 def atomic_copy(source: str | os.PathLike, path: str | os.PathLike, mode: int = DEFAULT_FILE_MODE, *,
                 durable: bool = True) -> Path:
     """Copy the file `source` to `path` the same way as `atomic_write` (streamed, any size)."""
+    def copy(f) -> None:
+        with open(source, "rb") as src:
+            shutil.copyfileobj(src, f, 2**20)
+
+    return _atomic(path, copy, mode, durable)
+
+
+def _atomic(path: str | os.PathLike, fill, mode: int, durable: bool) -> Path:
     path = Path(path)
     tmp = _temp_name(path)
     fd = _open_new(tmp, mode)
     try:
-        with os.fdopen(fd, "wb") as f, open(source, "rb") as src:
-            shutil.copyfileobj(src, f, 2**20)
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
             f.flush()
             if durable:
                 os.fsync(f.fileno())

@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 import urllib.request
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,3 +30,48 @@ def tiny_model(_isolated_cache):
     from pipeline.loading import load_model
 
     return load_model("tiny-random", device="cpu")
+
+
+@pytest.fixture
+def dns():
+    """A fake DNS for `serving.egress`: name -> list of answers (one list per lookup, the last
+    one repeats); yields (answers, names looked up)."""
+    import socket
+
+    from serving import egress
+
+    answers: dict[str, list[list[str]]] = {}
+    calls: list[str] = []
+
+    def resolver(host, port):
+        calls.append(host)
+        queue = answers.get(host.lower())
+        if not queue:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+    old = egress.set_resolver(resolver)
+    yield answers, calls
+    egress.set_resolver(old)
+
+
+#: Debian's Chromium, driven by Playwright (never a browser build Playwright would download).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium for the web page tests (one per test module)."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is not installed: run `make sysdeps` (Debian package chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+

@@ -19,9 +19,6 @@ from cluster.simulated import free_port
 from tests.e2e.test_farm_up import Proc
 from tests.helpers import ffprobe, make_image
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 VIDEO_PLAYING = """() => { const v = document.getElementById('video');
@@ -40,18 +37,6 @@ def farm(tmp_path_factory):
         proc.stop()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is not installed: run `make sysdeps` (Debian package chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 def _job_id_of(page) -> str:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import datetime
 import http.server
-import socket
 import ssl
 import threading
 
 import pytest
 
-from serving import egress
 from serving.egress import EgressPolicy, EgressRefused, FetchError, fetch
 
 PUBLIC = "127.0.0.2"  # the stand-in public address (allowed in these tests)
@@ -63,21 +61,6 @@ class Server:
         self.httpd.server_close()
 
 
-@pytest.fixture
-def dns():
-    answers: dict[str, list[list[str]]] = {}
-    calls: list[str] = []
-
-    def resolver(host, port):
-        calls.append(host)
-        queue = answers.get(host.lower())
-        if not queue:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return queue.pop(0) if len(queue) > 1 else queue[0]
-
-    old = egress.set_resolver(resolver)
-    yield answers, calls
-    egress.set_resolver(old)
 
 
 @pytest.fixture

@@ -287,7 +287,7 @@ def test_farm_restart_resumes_queued_and_running_jobs(ray_cluster, tmp_path):
 
     farm = deploy(ray_cluster, tmp_path, workers=WORKERS)  # same job store and storage
     done = [farm.wait(j["id"], timeout=120) for j in jobs]
-    assert [d["status"] for d in done] == ["succeeded"] * 6, done
+    assert [d["status"] for d in done] == ["succeeded"] * 6, [(d["status"], d["error"], d["failures"], d["attempts"]) for d in done]
     requeued = [d for d in done if d.get("note") == "requeued after a farm restart"]
     assert requeued, "a job running at the restart is run again"
     undeploy()

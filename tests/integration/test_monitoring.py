@@ -163,6 +163,9 @@ def jobs(farm, prometheus):
     assert [f["code"] for f in done["oom_retry"]["failures"]] == ["out_of_memory"]
     assert done["oom_retry"]["vram_class"] == "24gb" and done["fail"]["error"]["code"] == "out_of_memory"
     prometheus.eventually("sum(i2v_jobs_finished_total) == 5")
+    # an attempt's run time is observed when the worker's stream closes, a moment after the job
+    # is recorded finished: a scrape may fall between the two
+    prometheus.eventually('sum(i2v_job_run_seconds_count{outcome=~"succeeded|oom"}) == 5')
     prometheus.eventually('sum(i2v_jobs{status=~"queued|running"}) == 0')
     return done
 

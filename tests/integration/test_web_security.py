@@ -14,7 +14,6 @@ import pytest
 import requests
 
 from serving.auth import COOKIE, TokenStore
-from tests.e2e.test_web import CHROMIUM, CHROMIUM_ARGS
 from tests.integration.conftest import deploy, undeploy
 
 
@@ -30,18 +29,6 @@ def secured(ray_cluster, tmp_path_factory):
     undeploy()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is not installed: run `make sysdeps` (Debian package chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ one lookup per hop (an injected resolver stands in for DNS; no connection leaves
 from __future__ import annotations
 
 import ipaddress
-import socket
 
 import pytest
 from hypothesis import given, settings
@@ -14,22 +13,6 @@ from serving import egress
 from serving.egress import EgressPolicy, EgressRefused, FetchError, address_class
 
 
-@pytest.fixture
-def dns():
-    """A fake DNS: name -> list of answers (one list per lookup, the last one repeats)."""
-    answers: dict[str, list[list[str]]] = {}
-    calls: list[str] = []
-
-    def resolver(host, port):
-        calls.append(host)
-        queue = answers.get(host.lower())
-        if not queue:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return queue.pop(0) if len(queue) > 1 else queue[0]
-
-    old = egress.set_resolver(resolver)
-    yield answers, calls
-    egress.set_resolver(old)
 
 
 @pytest.mark.parametrize("ip, cls", [
