@@ -246,7 +246,7 @@ def penultimate_embedding(pipe, text: str):
     transformers (what the stock pipeline's clip_skip=1 means; as in tests/unit/test_generator.py)."""
     ids = pipe.tokenizer([text], padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
-    hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
+    hidden = pipe.text_encoder(ids.to(pipe.text_encoder.device), output_hidden_states=True).hidden_states
     return pipe.text_encoder.final_layer_norm(hidden[-2])
 
 

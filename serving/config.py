@@ -118,6 +118,20 @@ class FarmSettings(BaseModel):
     )
     max_image_bytes: int = Field(20 * 2**20, ge=1024, description="Largest accepted upload.")
     worker_cpus: float = Field(1.0, gt=0, description="Logical CPUs each worker replica reserves.")
+    worker_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="CPU threads a worker's torch computes on (intra-op). 0 = auto: all of the node's cores "
+        "when the worker runs without a GPU, `worker_cpus` (at least 1) with one.",
+    )
+    worker_cuda_alloc_conf: str = Field(
+        "expandable_segments:True",
+        description="`PYTORCH_CUDA_ALLOC_CONF` of GPU workers (empty: PyTorch's default). Expandable segments "
+        "keep reserved memory near allocated memory: measured on an H200, a 12 GB card then holds 768p x 16 "
+        "and 512p x 32, a 24 GB card 1024p x 24 (docs/benchmarks.md). A value set in the worker's "
+        "environment wins.",
+    )
 
     @field_validator("file_mode")
     @classmethod
