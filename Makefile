@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: farm test test-all venv sysdeps clean
+.PHONY: farm test test-all lint venv sysdeps clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,12 +37,16 @@ FARM_ARGS ?=
 farm: venv
 	$(BIN)/i2v-farm up $(FARM_ARGS)
 
-# The default test run (fast; `make test-all` adds the slow ones).
-test: venv sysdeps
+# The default test run (fast; `make test-all` adds the slow ones), after the linter.
+test: venv sysdeps lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: venv sysdeps
+test-all: venv sysdeps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (pyflakes, pycodestyle, import order, bugbear), configured in pyproject.toml.
+lint: venv
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -54,8 +54,9 @@ from typing import Any
 import numpy as np
 
 from bench.generation import describe_machine, machine, table
+from serving.jobs import FINISHED
 
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = FINISHED  # serving.jobs: the one definition of a finished job
 DEFAULT_CLUSTER = "12gb:2,24gb:1"
 GROUP = 100
 
@@ -144,48 +145,13 @@ def job_body(index: int, image_b64: str, steps: int) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def farm(counts: dict[str, int], workdir: Path, jobs: int, time_scale: float) -> Iterator[str]:
-    """Cluster + Serve + the sim farm; yields its URL."""
-    import requests
-    from ray import serve
-
-    from cluster.simulated import free_port
-    from cluster.simulated import SimulatedCluster
-    from serving.app import APP_NAME, build
-    from serving.config import load_settings
+    """Cluster + Serve + the sim farm (serving.harness); yields its URL."""
+    from serving.harness import simulated_farm
 
     logging.getLogger("ray").setLevel(logging.WARNING)
-    spec = ",".join(f"{k}:{v}" for k, v in counts.items())
-    sim = SimulatedCluster(spec, head_cpus=4, node_cpus=2).start()
-    try:
-        sim.connect(namespace="i2v-bench-control", log_to_driver=False, logging_level=logging.WARNING)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
-        overrides = {
-            "model": "sim", "sim_time_scale": time_scale, "backlog_limit": max(2000, 2 * jobs),
-            "job_db": str(workdir / "jobs.sqlite3"), "storage_url": f"file://{workdir / 'outputs'}",
-            "spool_dir": str(workdir / "spool"),
-            "workers": {c: {"min_replicas": n, "max_replicas": n} for c, n in counts.items()},
-        }
-        serve.run(build(load_settings(overrides, env={})), name=APP_NAME, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        session = requests.Session()
-        deadline = time.monotonic() + 300
-        while True:
-            r = session.get(url + "/readyz", timeout=10)
-            if r.status_code == 200 and r.json().get("replicas") == counts:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"farm not ready after 300 s: {r.status_code} {r.text}")
-            time.sleep(0.3)
+    overrides = {"model": "sim", "sim_time_scale": time_scale, "backlog_limit": max(2000, 2 * jobs)}
+    with simulated_farm(counts, workdir, overrides, namespace="i2v-bench-control") as (_, url):
         yield url
-    finally:
-        try:
-            with contextlib.suppress(Exception):
-                serve.delete(APP_NAME)
-            serve.shutdown()
-        finally:
-            sim.shutdown()
 
 
 @dataclass

@@ -31,7 +31,7 @@ import platform
 import re
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -88,8 +88,6 @@ def ceilings() -> dict[str, float]:
             e.synchronize()
             times.append(s.elapsed_time(e) / 1e3)
         out[name] = work / sorted(times)[len(times) // 2]
-    del a, b, x, y
-    gg._free()
     return out
 
 
@@ -173,7 +171,8 @@ def part_memory(shapes, ctx: int, offload: bool = True) -> dict[str, Any]:
         gen.warm_up(gg._image(first[0], first[0]), gg._params(gg.Shape(first[0], first[0], first[1], 1)),
                     size=(first[0], first[0]))
         for px, f in shapes:
-            rows.append(_memory_case(model, gen, f"{px}p x{f}", px, px, f, chunk=1, offload=False, ctx=ctx, dtype=dtype))
+            rows.append(_memory_case(model, gen, f"{px}p x{f}", px, px, f, chunk=1, offload=False, ctx=ctx,
+                                     dtype=dtype))
         for chunk_px in sorted({shapes[0][0], shapes[-1][0]}):
             f = 16
             chunked = Generator(model, MemoryOptions(decode_chunk_size=8 if gg._cuda() else 2))
@@ -327,80 +326,62 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
+@dataclass
+class Plan:
+    """Where the suite runs and at which sizes."""
+
+    gpu: str
+    peak: float | None
+    ctx: int
+    big: str  # shapes of ours vs stock
+    small: str  # the shape of levers and solvers
+    dtype: str
+    mem_shapes: list[tuple[int, int]]
+
+
+def plan(dry_run: bool) -> Plan | None:
+    """The GPU (or, for a dry run, the CPU with tiny shapes); None without a GPU."""
     import torch
 
-    from pipeline.loading import _quiet_libraries
+    if dry_run:
+        gg.DEVICE = "cpu"
+        return Plan("dry-run-cpu", None, 0, "64x64x8@2", "64x64x8@2", "float32", [(64, 8), (64, 16)])
+    if not torch.cuda.is_available():
+        return None
+    gg.DEVICE = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gpu = torch.cuda.get_device_name()
+    torch.empty(1, device="cuda") @ torch.empty(1, 1, device="cuda")  # cuBLAS into the context
+    return Plan(gpu, gg.peak_tflops_for(gpu), gg.context_bytes(), "512x512x16@50,1024x1024x16@10",
+                "512x512x16@20", "float16", [(px, f) for px in RESOLUTIONS for f in FRAMES])
 
-    _quiet_libraries()
-    if args.dry_run:
-        gg.DEVICE, gpu, peak, ctx = "cpu", "dry-run-cpu", None, 0
-        big, small, dtype = "64x64x8@2", "64x64x8@2", "float32"
-        mem_shapes = [(64, 8), (64, 16)]
-    elif not torch.cuda.is_available():
-        print("no CUDA GPU: run with --dry-run on the CPU", file=sys.stderr)
-        return 2
-    else:
-        gg.DEVICE = "cuda"
-        torch.backends.cuda.matmul.allow_tf32 = True
-        gpu = torch.cuda.get_device_name()
-        peak = gg.peak_tflops_for(gpu)
-        torch.empty(1, device="cuda") @ torch.empty(1, 1, device="cuda")
-        ctx = gg.context_bytes()
-        big, small, dtype = "512x512x16@50,1024x1024x16@10", "512x512x16@20", "float16"
-        mem_shapes = [(px, f) for px in RESOLUTIONS for f in FRAMES]
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = _slug(gpu) + (f"-{args.tag}" if args.tag else "")
-    head = {"gpu": gpu, "peak_tflops": peak, "context_bytes": ctx, "versions": versions(),
-            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-            "command": "python -m bench.gpu_suite " + " ".join(argv if argv is not None else sys.argv[1:])}
-    print(json.dumps(head), flush=True)
-    head["ceilings"] = ceilings()
-    print(json.dumps(head["ceilings"]), flush=True)
-    results: dict[str, Any] = {"memory": {}, "speed": {}, "farm": {}}
 
-    def save() -> None:
-        for name, body in results.items():
-            (args.out / f"gpu-{name}-{slug}.json").write_text(
-                json.dumps({**head, **body}, indent=1, default=float) + "\n")
-
-    def ns(shapes: str, dtypes=(dtype,), **kw) -> SimpleNamespace:
+def part_steps(p: Plan, results: dict[str, Any]) -> tuple[dict[str, Any], SimpleNamespace]:
+    """Each part: a function that runs it and files its rows under `results`; and the
+    arguments the summary table is printed with."""
+    def ns(shapes: str, dtypes=(p.dtype,), **kw) -> SimpleNamespace:
         return SimpleNamespace(**{"shapes": gg.parse_shapes(shapes), "dtypes": list(dtypes), "project_steps": 50,
                                   "no_stock": False, "levers": [], "solver_steps": [10, 20, 25], **kw})
 
     levers = [lv for lv in gg.LEVERS if lv != "compile"]
-    steps = {
-        "memory": lambda: results["memory"].update(part_memory(mem_shapes, ctx, offload=False)),
-        "speed": lambda: results["speed"].update(stock=gg.part_stock(ns(big), ctx, peak)),
-        "levers": lambda: results["speed"].update(levers=gg.part_levers(ns(small, levers=levers), peak)),
-        "solvers": lambda: results["speed"].update(solvers=gg.part_solvers(ns(small))),
-        "bf16": lambda: results["speed"].update(stock_bf16=gg.part_stock(ns(big, ("bfloat16",)), ctx, peak)),
-        "compile": lambda: results["speed"].update(compile=gg.part_levers(ns(small, levers=["compile"]), peak)),
-        "farm": lambda: results["farm"].update(part_farm(results["memory"].get("rows", []))),
-        "fits": lambda: results["memory"].update(fits=part_fits(ctx)),
-        "profile": lambda: results["speed"].update(profile=part_profile()),
-        "offload": lambda: results["memory"].update(offload=part_memory([], ctx)["rows"]),
-    }
-    skipped = []
-    for part in args.parts:
-        left = args.budget_s - (time.perf_counter() - started)
-        if not args.dry_run and left < PART_SECONDS[part]:
-            skipped.append(part)
-            print(f"skip {part}: {left:.0f} s left of the budget, it needs ~{PART_SECONDS[part]} s", flush=True)
-            continue
-        t = time.perf_counter()
-        try:
-            steps[part]()
-        except Exception as exc:  # noqa: BLE001 - one broken part must not lose the others
-            results["speed" if part not in ("memory", "farm") else part][f"{part}_error"] = f"{type(exc).__name__}: {exc}"
-            print(f"part {part} failed: {type(exc).__name__}: {exc}", flush=True)
-        print(f"part {part}: {time.perf_counter() - t:.1f} s", flush=True)
-        head["skipped"] = skipped
-        save()
+    mem, speed = results["memory"], results["speed"]
+    return {
+        "memory": lambda: mem.update(part_memory(p.mem_shapes, p.ctx, offload=False)),
+        "speed": lambda: speed.update(stock=gg.part_stock(ns(p.big), p.ctx, p.peak)),
+        "levers": lambda: speed.update(levers=gg.part_levers(ns(p.small, levers=levers), p.peak)),
+        "solvers": lambda: speed.update(solvers=gg.part_solvers(ns(p.small))),
+        "bf16": lambda: speed.update(stock_bf16=gg.part_stock(ns(p.big, ("bfloat16",)), p.ctx, p.peak)),
+        "compile": lambda: speed.update(compile=gg.part_levers(ns(p.small, levers=["compile"]), p.peak)),
+        "farm": lambda: results["farm"].update(part_farm(mem.get("rows", []))),
+        "fits": lambda: mem.update(fits=part_fits(p.ctx)),
+        "profile": lambda: speed.update(profile=part_profile()),
+        "offload": lambda: mem.update(offload=part_memory([], p.ctx)["rows"]),
+    }, ns(p.big)
+
+
+def print_summary(p: Plan, results: dict[str, Any], report_ns) -> None:
     sp = results["speed"]
-    gg.report(ns(big), gpu, peak, sp.get("stock", []) + sp.get("stock_bf16", []),
+    gg.report(report_ns, p.gpu, p.peak, sp.get("stock", []) + sp.get("stock_bf16", []),
               sp.get("levers", []) + sp.get("compile", []), sp.get("solvers", []), [], {})
     for r in results["memory"].get("rows", []):
         if "error" in r:
@@ -409,6 +390,47 @@ def main(argv=None) -> int:
             print(f"{r['case']:>28}: alloc {r['peak_allocated_bytes'] / GiB:6.2f} card {r['card_bytes'] / GiB:6.2f} "
                   f"predicted {r['predicted_bytes'] / GiB:6.2f} GiB  peak in {r['peak_stage']} "
                   f"(model: {r['predicted_stage']})")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    from pipeline.loading import _quiet_libraries
+
+    _quiet_libraries()
+    p = plan(args.dry_run)
+    if p is None:
+        print("no CUDA GPU: run with --dry-run on the CPU", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = _slug(p.gpu) + (f"-{args.tag}" if args.tag else "")
+    head = {"gpu": p.gpu, "peak_tflops": p.peak, "context_bytes": p.ctx, "versions": versions(),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            "command": "python -m bench.gpu_suite " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(json.dumps(head), flush=True)
+    head["ceilings"] = ceilings()
+    print(json.dumps(head["ceilings"]), flush=True)
+    results: dict[str, Any] = {"memory": {}, "speed": {}, "farm": {}}
+    steps, report_ns = part_steps(p, results)
+    head["skipped"] = []
+    for part in args.parts:
+        left = args.budget_s - (time.perf_counter() - started)
+        if not args.dry_run and left < PART_SECONDS[part]:
+            head["skipped"].append(part)
+            print(f"skip {part}: {left:.0f} s left of the budget, it needs ~{PART_SECONDS[part]} s", flush=True)
+            continue
+        t = time.perf_counter()
+        try:
+            steps[part]()
+        except Exception as exc:  # noqa: BLE001 - one broken part must not lose the others
+            where = part if part in ("memory", "farm") else "speed"
+            results[where][f"{part}_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"part {part} failed: {type(exc).__name__}: {exc}", flush=True)
+        print(f"part {part}: {time.perf_counter() - t:.1f} s", flush=True)
+        for name, body in results.items():  # after every part: a run cut short keeps what it measured
+            (args.out / f"gpu-{name}-{slug}.json").write_text(
+                json.dumps({**head, **body}, indent=1, default=float) + "\n")
+    print_summary(p, results, report_ns)
     print(f"done in {time.perf_counter() - started:.0f} s; files in {args.out}")
     return 0
 

@@ -103,7 +103,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.simulated import free_port
+from serving.jobs import FINISHED
 
 CLUSTER = {"12gb": 2, "24gb": 1}
 #: Square input image: every resolution renders N x N (512x512, 768x768, 1024x1024).
@@ -118,7 +118,7 @@ LARGE_STEPS = (20, 40)
 #: 24gb GPU) sleeps ~0.5 s, the shortest on a 12gb GPU ~2.8 s; the whole bench takes ~3.5 min.
 DEFAULT_TIME_SCALE = 0.05
 POLL_S = 0.5
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = FINISHED  # serving.jobs: the one definition of a finished job
 
 
 # ------------------------------------------------------------------------------- the trace
@@ -339,14 +339,14 @@ def simulated_farm_cluster() -> Iterator[int]:
     from ray import serve
 
     from cluster.simulated import SimulatedCluster
+    from serving.harness import start_serve
 
     spec = ",".join(f"{name}:{n}" for name, n in CLUSTER.items())
     logging.getLogger("ray").setLevel(logging.WARNING)  # start-up chatter on stderr
     sim = SimulatedCluster(spec, head_cpus=4, node_cpus=2).start()
     try:
         sim.connect(namespace="i2v-bench", log_to_driver=False, logging_level=logging.WARNING)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        port = start_serve()
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # "deployed", "deleting" chatter
         yield port
     finally:
@@ -358,29 +358,18 @@ def simulated_farm_cluster() -> Iterator[int]:
 
 def _deploy(port: int, workdir: Path, spill: bool, time_scale: float, backlog: int):
     import requests
-    from ray import serve
 
-    from serving.app import APP_NAME, build
-    from serving.config import FarmSettings, load_settings
+    from serving import harness
+    from serving.config import load_settings
 
     overrides: dict[str, Any] = {
         "model": "sim", "spill": spill, "sim_time_scale": time_scale, "backlog_limit": backlog,
         "job_db": str(workdir / "jobs.sqlite3"), "storage_url": f"file://{workdir / 'outputs'}",
-        "workers": {c: {"min_replicas": n, "max_replicas": n} for c, n in CLUSTER.items()},
+        "spool_dir": str(workdir / "spool"), "workers": harness.workers_for(CLUSTER),
     }
-    if "spool_dir" in FarmSettings.model_fields:
-        overrides["spool_dir"] = str(workdir / "spool")
-    serve.run(build(load_settings(overrides, env={})), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    session = requests.Session()
-    deadline = time.monotonic() + 180
-    while True:
-        r = session.get(url + "/readyz", timeout=10)
-        if r.status_code == 200 and r.json().get("replicas") == CLUSTER:
-            return url, session
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"farm not ready after 180 s: {r.status_code} {r.text}")
-        time.sleep(0.3)
+    harness.deploy(load_settings(overrides, env={}), url, CLUSTER, timeout=180)
+    return url, requests.Session()
 
 
 def _list_jobs(session, url: str) -> list[dict[str, Any]]:

@@ -36,13 +36,14 @@ What it does, in one run:
 
 **Threads.** Ray starts an actor with `OMP_NUM_THREADS` = its `num_cpus` (Ray's
 `set_omp_num_threads_if_unset`), and torch sizes its thread pool from that; a farm worker
-reserves `worker_cpus` (default 1). So by default the farm's tiny-random worker computes on one
-thread while an in-process run uses all cores. Phase A compares like with like: the farm deployed
+reserves `worker_cpus` (default 1). The worker now sets its threads itself (`worker_threads`; 0 =
+all of the node's cores without a GPU); this bench pins them to `worker_cpus` in both phases.
+Phase A compares like with like: the farm deployed
 with `worker_cpus` = this process's torch thread count (`--worker-cpus`, default
 `torch.get_num_threads()`), the simulated GPU node sized to match, and the in-process side at that
-many threads. Phase B (skip with `--no-default-cpus`) deploys the farm as it ships
-(`worker_cpus=1`) and runs the in-process side on 1 thread too, and prints how much slower the
-shipped default is than an all-threads in-process job: the cost of Ray's thread default, not of
+many threads. Phase B (skip with `--no-default-cpus`) deploys the farm with one worker thread (Ray's
+default before `worker_threads`) and runs the in-process side on 1 thread too, and prints how
+much slower that is than an all-threads in-process job: the cost of Ray's thread default, not of
 the farm's plumbing. A probe actor reports what Ray actually gives an actor of each CPU count.
 
 **Niceness.** Ray starts every worker process (all Serve replicas: the GPU workers, the job
@@ -70,12 +71,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.generation import describe_machine, machine, median, spread, table
-from cluster.simulated import free_port
+from serving.jobs import FINISHED
 
 TARGET_PERCENT = 5.0
 TARGET_SECONDS = 0.100
 CLASS = "12gb"
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = FINISHED  # serving.jobs: the one definition of a finished job
 #: Ray starts worker processes (every Serve replica: workers, job manager, ingress) at this
 #: niceness; its default is 15.
 NICENESS_ENV = "RAY_worker_niceness"
@@ -236,6 +237,7 @@ def cluster(node_cpus: int, worker_niceness: int | None = None) -> Iterator[Any]
     from ray import serve
 
     from cluster.simulated import SimulatedCluster
+    from serving.harness import start_serve
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     saved = os.environ.get(NICENESS_ENV)
@@ -250,8 +252,7 @@ def cluster(node_cpus: int, worker_niceness: int | None = None) -> Iterator[Any]
             os.environ[NICENESS_ENV] = saved
     try:
         sim.connect(namespace="i2v-bench-overhead", log_to_driver=False, logging_level=logging.WARNING)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        port = start_serve()
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
         yield sim, port
     finally:
@@ -284,30 +285,24 @@ class Farm:
 
     def __init__(self, sim, port: int, workdir: Path, worker_cpus: float, poll: float):
         import requests
-        from ray import serve
 
-        from serving.app import APP_NAME, build
+        from serving import harness
+        from serving.app import APP_NAME
         from serving.config import load_settings
 
         overrides = {
-            "model": "tiny-random", "worker_cpus": worker_cpus,
-            "workers": {CLASS: {"min_replicas": 1, "max_replicas": 1}},
+            # threads pinned to worker_cpus: like-for-like with the in-process side (the farm's own
+            # default, `worker_threads` 0, gives a CPU worker all of the node's cores)
+            "model": "tiny-random", "worker_cpus": worker_cpus, "worker_threads": max(1, int(worker_cpus)),
+            "workers": harness.workers_for({CLASS: 1}),
             "job_db": str(workdir / "jobs.sqlite3"), "storage_url": f"file://{workdir / 'outputs'}",
             "spool_dir": str(workdir / "spool"),
         }
         self.app = APP_NAME
-        serve.run(build(load_settings(overrides, env={})), name=APP_NAME, route_prefix="/")
         self.url = f"http://127.0.0.1:{port}"
         self.session = requests.Session()
         self.poll = poll
-        deadline = time.monotonic() + 300
-        while True:
-            r = self.session.get(self.url + "/readyz", timeout=10)
-            if r.status_code == 200 and r.json().get("replicas") == {CLASS: 1}:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"farm not ready after 300 s: {r.status_code} {r.text}")
-            time.sleep(0.3)
+        harness.deploy(load_settings(overrides, env={}), self.url, {CLASS: 1}, timeout=300)
         self.pid = worker_pid(sim)
         self.nice = niceness(self.pid) if self.pid else None
         self.sim = sim
@@ -345,10 +340,10 @@ class Farm:
                 "rest_s": (finished - started) - worker, "timings": job["timings"]}
 
     def close(self) -> None:
-        from ray import serve
+        from serving import harness
 
         with contextlib.suppress(Exception):
-            serve.delete(self.app)
+            harness.undeploy()
 
 
 # ------------------------------------------------------------------------------- a phase
@@ -478,13 +473,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             out["phases"].append(a)
             print(flush=True)
             if not args.no_default_cpus and threads != 1:
-                print("B. the farm as shipped: worker_cpus=1 (Ray sets OMP_NUM_THREADS=1), in-process 1 torch thread")
+                print("B. one worker thread (Ray's OMP_NUM_THREADS=1 default), in-process 1 torch thread")
                 b = run_phase("B", sim, port, workdir, inproc, data, fields, 1, 1, args.repeat, args.poll)
                 print_phase(b)
                 out["phases"].append(b)
                 shipped = b["verdict"]["farm_s"]
                 best = a["verdict"]["baseline_s"]
-                print(f"shipped default (worker_cpus=1) vs an in-process job on {threads} threads: "
+                print(f"one worker thread vs an in-process job on {threads} threads: "
                       f"{shipped:.3f} / {best:.3f} s = {shipped / best:.2f}x ({100 * (shipped / best - 1):+.0f} %; "
                       f"in-process 1 vs {threads} threads: {b['verdict']['baseline_s'] / best:.2f}x): the thread "
                       f"count Ray gives the worker (OMP_NUM_THREADS = worker_cpus), not the farm's plumbing")

@@ -148,7 +148,8 @@ def token_instructions(token_file: str, head_address: str | None, created: bool)
         return [
             f"# Ray token authentication: the cluster token is in {token_file} (mode 0600"
             + (", created now" if created else "") + "); never share it in a chat or a repository.",
-            "# Every GPU node needs a copy (mode 0600); shells that run `ray job submit` / `serve deploy` / `ray status`",
+            "# Every GPU node needs a copy (mode 0600); shells that run `ray job submit` / `serve deploy` / "
+            "`ray status`",
             f"# against this head need: {_shell_env(token_file)}",
         ]
     where = f"{token_file}" if os.path.exists(token_file) else f"{token_file} (not there yet)"
@@ -261,7 +262,8 @@ def cmd_join(args: argparse.Namespace, detect: Callable[[], list[LocalGpu]] | No
             print(note)
     else:
         print(f"# WARNING: ${RAY_AUTH_ENV}=off: " + ray_auth.OFF_WARNING)
-    print(f"Run this on this machine to start it as the {role}" + (" (umask 077: Ray's files private):" if auth else ":"))
+    private = " (umask 077: Ray's files private):" if auth else ":"
+    print(f"Run this on this machine to start it as the {role}" + private)
     *notes, command = line.splitlines()
     for note in notes:
         print(note)

@@ -214,7 +214,8 @@ class SimulatedCluster:
                 if resource.startswith(RESOURCE_PREFIX):
                     found.setdefault(resource[len(RESOURCE_PREFIX):], []).append(node["NodeID"])
         order = {name: i for i, name in enumerate(self.classes.names)}
-        return {name: sorted(ids) for name, ids in sorted(found.items(), key=lambda kv: (order.get(kv[0], 1 << 30), kv[0]))}
+        ordered = sorted(found.items(), key=lambda kv: (order.get(kv[0], 1 << 30), kv[0]))
+        return {name: sorted(ids) for name, ids in ordered}
 
     def add_class_node(self, name: str) -> str:
         """Start one more GPU node of class `name`; returns its node id (hex) once registered."""

@@ -33,7 +33,7 @@ simulated cluster and not used for farm metrics:
   `/tmp/ray/prom_metrics_service_discovery.json` is shared by every Ray cluster on a machine.
 Ray's own metrics (Serve, raylet, node GPU memory `ray_node_gram_used`) are still worth
 scraping on a real cluster: `monitoring/prometheus/prometheus.yml` has a `ray` job reading that
-file (see the README, "Monitoring").
+file (see docs/monitoring.md).
 
 GPU memory in use: on a CUDA worker, the device's used memory (`torch.cuda.mem_get_info`:
 total - free, every process on that GPU). A worker with no CUDA device (the simulated cluster's
@@ -55,6 +55,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from serving.jobs import FailureKind, JobStatus
+
 log = logging.getLogger(__name__)
 
 #: The exposition format `/metrics` answers with (the classic text format every Prometheus reads).
@@ -62,13 +64,14 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 GiB = 2**30
 RESOLUTIONS = ("512p", "768p", "1024p")
-FINISHED = ("succeeded", "failed", "canceled")
+FINISHED = tuple(s.value for s in JobStatus if s.finished)
 #: How an attempt on a worker ended (`i2v_job_run_seconds{outcome}`).
-OUTCOMES = ("succeeded", "oom", "error", "worker_died", "canceled", "incomplete")
+OUTCOMES = ("succeeded", FailureKind.OOM.value, FailureKind.ERROR.value, FailureKind.WORKER_DIED.value, "canceled",
+            "incomplete")
 #: Why a failed attempt is retried (`i2v_job_retries_total{reason}`).
-RETRY_REASONS = ("oom", "worker_died")
+RETRY_REASONS = (FailureKind.OOM.value, FailureKind.WORKER_DIED.value)
 REJECT_REASONS = ("no_class_fits", "backlogged")
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+JOB_STATUSES = tuple(s.value for s in JobStatus)
 #: Replica states always exported per class (0 when none), so alerts see a 0, not nothing.
 REPLICA_STATES = ("running", "starting")
 
@@ -175,7 +178,7 @@ class FarmMetrics:
 
     def attempt_failed(self, job_id: str, vram_class: str, kind: str, retried: bool) -> None:
         """A failed attempt (`kind`: oom, worker_died, error) on `vram_class`, and whether it is retried."""
-        if kind == "oom":
+        if kind == FailureKind.OOM:
             self.oom.labels(vram_class).inc()
         if retried:
             self.retries.labels(vram_class, kind).inc()
@@ -191,7 +194,7 @@ class FarmMetrics:
         vram_class = record.get("vram_class") or "unknown"
         resolution = str((record.get("params") or {}).get("resolution") or "unknown")
         self.finished.labels(vram_class, resolution, record["status"]).inc()
-        if record["status"] != "succeeded":
+        if record["status"] != JobStatus.SUCCEEDED:
             return
         created, finished = _time(record.get("created_at")), _time(record.get("finished_at"))
         if created and finished:

@@ -69,7 +69,8 @@ def pick_dtype(dtype: str, device: str):
         raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'", field="dtype")
     if not device.startswith("cuda"):
         return torch.float32
-    return {"auto": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    return {"auto": torch.float16, "float16": torch.float16, "bfloat16": torch.bfloat16,
+            "float32": torch.float32}[dtype]
 
 
 def tiny_random_dir(root: Path | None = None) -> Path:
@@ -156,7 +157,6 @@ def load_model(
 ) -> LoadedModel:
     """Load I2VGen-XL for generation. Any failure is a `ModelLoadError` with a clear message."""
     _quiet_libraries()
-    import torch
     from diffusers import I2VGenXLPipeline
 
     started = time.perf_counter()

@@ -28,44 +28,67 @@ errors as `{"error": {"code", "message", "field"}}`. Job state lives in the job 
 
 import asyncio
 import base64
-import logging
-import weakref
 import binascii
 import json
+import logging
 import math
 import re
+import weakref
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
-from ray import serve
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pipeline.errors import I2VError, InvalidRequest
-from pipeline.images import load_image
-from pipeline.request import parse_params
-from pipeline.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+from pipeline.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, load_image
 from pipeline.loading import TINY_RANDOM
 from pipeline.render import TINY_RANDOM_NOTE
-from pipeline.request import (DEFAULT_PRESET, PRESETS, PROMPT_EXAMPLES, PROMPT_TIPS, RESOLUTION_PIXELS,
-                              GenerationParams)
+from pipeline.request import (
+    DEFAULT_PRESET,
+    PRESETS,
+    PROMPT_EXAMPLES,
+    PROMPT_TIPS,
+    RESOLUTION_PIXELS,
+    GenerationParams,
+    parse_params,
+)
 
-from .auth import (ANONYMOUS, COOKIE, PROXY_HEADERS, Caller, RateLimiter, SessionStore, StreamLimiter, TokenStore,
-                   auth_enabled, client_address, hash_token, origin_allowed, parse_networks, request_host,
-                   request_scheme, security_headers, tokens_path)
+from .auth import (
+    ANONYMOUS,
+    COOKIE,
+    PROXY_HEADERS,
+    Caller,
+    RateLimiter,
+    SessionStore,
+    StreamLimiter,
+    TokenStore,
+    auth_enabled,
+    client_address,
+    hash_token,
+    origin_allowed,
+    parse_networks,
+    request_host,
+    request_scheme,
+    security_headers,
+    tokens_path,
+)
+from .backends import SIM
 from .config import FarmSettings
 from .files import apply_umask
+from .jobs import ACTIVE, FINISHED, JobStatus
 from .protocol import ERROR_RESPONSES, ClusterStatus, ErrorResponse, Job, JobList, JobRequest, Me
-from .storage import StorageUnavailable, content_type, open_storage
-from .backends import SIM
 from .scheduler import NoClassFits, Scheduler
 from .scheduler import estimate_request as estimate_cost
+from .storage import StorageUnavailable, content_type, open_storage
 
 logger = logging.getLogger(__name__)
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = FINISHED  # serving.jobs: the one definition
+_STATUS_PATTERN = f"^({'|'.join(s.value for s in JobStatus)})$"  # ^(queued|running|...)$
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 EVENT_POLL_S = 0.5
 
@@ -478,6 +501,12 @@ def farm_info(settings: FarmSettings) -> dict[str, Any]:
             "tips": list(IMAGE_TIPS),
         },
         "classes": [{"name": c.name, "memory_gib": c.memory_gib, "gpu": c.gpu} for c in settings.active_classes],
+        # the job statuses (serving.jobs), so clients (the web page) need no list of their own
+        "statuses": {
+            "all": [s.value for s in JobStatus],
+            "active": [s.value for s in JobStatus if s in ACTIVE],
+            "finished": [s.value for s in JobStatus if s in FINISHED],
+        },
     }
 
 
@@ -572,7 +601,7 @@ class FarmApi:
 
     @app.get("/v1/jobs", response_model=JobList, responses=ERROR_RESPONSES)
     async def list_jobs(self, request: Request,
-                        status: str | None = Query(None, pattern="^(queued|running|succeeded|failed|canceled)$"),
+                        status: str | None = Query(None, pattern=_STATUS_PATTERN),
                         limit: int = Query(50, ge=1, le=500),
                         cursor: int | None = Query(None, ge=0, le=2**63 - 1)):  # a SQLite integer
         """Jobs, newest first, optionally of one status; page with `cursor`. A caller sees their own
@@ -598,7 +627,7 @@ class FarmApi:
         """The MP4 of a succeeded job: streamed (with Range support) from local storage, or a
         redirect to a presigned URL on S3/MinIO, valid for `presign_expiry_s`."""
         job = await self._job(job_id, request)
-        if job["status"] != "succeeded":
+        if job["status"] != JobStatus.SUCCEEDED:
             raise ApiError(f"job {job_id} is {job['status']}; the video exists once it has succeeded",
                            code="not_ready", status=409)
         return await self._object(job["result"]["key"], f"video_{job_id[:8]}.mp4", f"the video of job {job_id}")
@@ -608,7 +637,7 @@ class FarmApi:
     async def get_poster(self, job_id: str, request: Request):
         """The first frame of a succeeded job's video, as a JPEG."""
         job = await self._job(job_id, request)
-        if job["status"] != "succeeded" or not job["result"].get("poster_key"):
+        if job["status"] != JobStatus.SUCCEEDED or not job["result"].get("poster_key"):
             raise ApiError(f"job {job_id} is {job['status']}; its poster exists once it has succeeded",
                            code="not_ready", status=409)
         return await self._object(job["result"]["poster_key"], None, f"the poster of job {job_id}")
@@ -682,6 +711,9 @@ class FarmApi:
         import ray
 
         info = await self.manager.cluster.remote()
+        from .worker import attach_worker_reports  # per class: its replicas' threads, CUDA allocator
+
+        await asyncio.to_thread(attach_worker_reports, info)
         prefix = "vram_"
         info["nodes"] = [
             {"id": n["NodeID"], "alive": n["Alive"], "address": n["NodeManagerAddress"],

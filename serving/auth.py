@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import ipaddress
 import hmac
+import ipaddress
 import json
 import math
 import os
@@ -156,12 +156,10 @@ class TokenStore:
         return len(kept) != len(entries)
 
     def _write(self, entries: list[dict]) -> None:
+        from .files import atomic_write
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name("." + self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(entries, f, indent=2)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps(entries, indent=2), 0o600)
 
 
 def _caller(entry: dict) -> Caller:
@@ -463,7 +461,6 @@ def cmd_token(args) -> int:
     from pipeline.errors import I2VError
 
     from .config import load_settings
-
     from .files import apply_umask
 
     settings = load_settings().resolved()

@@ -16,11 +16,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import add_request_arguments, request_fields, sample_image_path, SAMPLE_PROMPT
+from pipeline.cli import SAMPLE_PROMPT, add_request_arguments, request_fields, sample_image_path
 from pipeline.errors import I2VError
 
+from .jobs import FINISHED, JobStatus
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = FINISHED  # serving.jobs: the one definition
 
 
 class FarmClientError(I2VError):
@@ -41,7 +43,8 @@ def same_origin(a: str, b: str) -> bool:
             port = parts.port
         except ValueError:
             return None
-        return parts.scheme.lower(), (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(parts.scheme)
+        default_port = {"http": 80, "https": 443}.get(parts.scheme)
+        return parts.scheme.lower(), (parts.hostname or "").lower(), port or default_port
 
     oa = origin(a)
     return oa is not None and oa == origin(b)
@@ -82,7 +85,8 @@ class FarmClient:
             raw, status, hdrs = exc.read(), exc.code, dict(exc.headers)
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise FarmClientError(f"cannot reach the farm at {self.url}: {reason} (is `i2v-farm up` running?)") from None
+            raise FarmClientError(
+                f"cannot reach the farm at {self.url}: {reason} (is `i2v-farm up` running?)") from None
         ctype = hdrs.get("content-type", hdrs.get("Content-Type", ""))
         payload = json.loads(raw) if ctype.startswith("application/json") else raw
         return status, payload, hdrs
@@ -127,7 +131,8 @@ def add_commands(subparsers) -> None:
     sub.add_argument("--negative-prompt", dest="negative_prompt", help="what to avoid")
     add_request_arguments(sub)
     sub.add_argument("--priority", choices=("low", "normal", "high"), help="queue priority (default normal)")
-    sub.add_argument("--url", default=os.environ.get("I2V_URL", DEFAULT_URL), help=f"farm URL (default {DEFAULT_URL}, env I2V_URL)")
+    sub.add_argument("--url", default=os.environ.get("I2V_URL", DEFAULT_URL),
+                     help=f"farm URL (default {DEFAULT_URL}, env I2V_URL)")
     sub.add_argument("--wait", action="store_true", help="wait with a progress bar and download the MP4")
     sub.add_argument("--out", default=".", help="directory for the MP4 with --wait (default: here)")
     sub.add_argument("--idempotency-key", help="retrying with the same key never makes a second job")
@@ -167,7 +172,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"follow it: i2v-farm status {job['id']}   or   {args.url}{job['links']['self']}")
         return 0
     job = _wait_with_bar(client, job)
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         err = job.get("error") or {}
         print(f"job {job['id']} {job['status']}: {err.get('message', '')}", file=sys.stderr)
         return 1
@@ -207,9 +212,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"model {info['model']}; queued {info['queue_depth']}, running {info['running']}")
     for c in info["classes"]:
         r = c["replicas"]
+        workers = c.get("workers") or []
+        threads = sorted({w.get("threads") for w in workers if w.get("threads")})
         print(f"  {c['name']:>6}: {r['running']} replicas running ({r['min']}-{r['max']}), "
-              f"{c['busy']} busy, {c['queued']} queued")
+              f"{c['busy']} busy, {c['queued']} queued"
+              + (f"; cpu threads {'/'.join(str(t) for t in threads)}" if threads else ""))
+        for w in workers:
+            print(f"          {worker_line(w)}")
     return 0
+
+
+THREAD_RULES = {"worker_threads": "set by worker_threads", "auto_gpu": "auto: GPU worker, worker_cpus"}
+
+
+def worker_line(w: dict[str, Any]) -> str:
+    """One worker replica of `GET /v1/cluster`: device, CPU threads and why, CUDA allocator config."""
+    name = str(w.get("replica") or "?").split("::")[-1].split("#", 1)[-1]  # Worker_12gb#abc123
+    rule = w.get("threads_rule")
+    why = THREAD_RULES.get(rule) or (f"auto: no GPU, the node's {w.get('node_cores')} cores" if rule == "auto_cpu"
+                                     else str(rule))
+    line = f"{name}: {w.get('device')}, {w.get('threads')} cpu threads ({why}), node {str(w.get('node') or '?')[:8]}"
+    if w.get("cuda_alloc_conf"):
+        line += f", PYTORCH_CUDA_ALLOC_CONF={w['cuda_alloc_conf']} (from {w.get('cuda_alloc_conf_from')})"
+    return line
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -104,7 +104,9 @@ class FarmSettings(BaseModel):
     )
     cpu_offload: bool = Field(False, description="diffusers model CPU offload (less VRAM, slower).")
     attention: Literal["sdpa", "xformers"] = Field("sdpa", description="Attention kernels of the workers.")
-    decode_chunk_size: int = Field(1, ge=1, le=32, description="Frames the VAE decodes at once (more: faster, more VRAM).")
+    decode_chunk_size: int = Field(
+        1, ge=1, le=32, description="Frames the VAE decodes at once (more: faster, more VRAM)."
+    )
     node_autoscaling: bool = Field(
         False, description="The Ray cluster adds GPU nodes on demand: request replicas for queued work even "
         "when no GPU of the class is free.",
@@ -241,8 +243,9 @@ LIST_FIELDS = ("trusted_proxies", "egress_allow")
 
 def _env_value(name: str, value: str) -> Any:
     field = FarmSettings.model_fields[name]
-    if field.annotation in (str,) or name in ("model", "host", "storage_url", "job_db", "dtype", "auth", "tokens_file", "attention",
-                                                      "ray_auth", "ray_token_file", "file_mode") \
+    as_text = ("model", "host", "storage_url", "job_db", "dtype", "auth", "tokens_file", "attention",
+               "ray_auth", "ray_token_file", "file_mode")
+    if field.annotation in (str,) or name in as_text \
             or name.startswith("s3_") and name != "s3_secure" or name == "spool_dir":
         return value
     if value.lstrip()[:1] in "[{":

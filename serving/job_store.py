@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from .files import DEFAULT_FILE_MODE, dir_mode_for, make_dirs, set_mode
+from .jobs import ACTIVE, FINISHED, JobStatus
 
-STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+STATUSES = tuple(s.value for s in JobStatus)
+TERMINAL = FINISHED  # the one definition: serving.jobs
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -83,8 +84,7 @@ class JobStore:
 
         Returns (record, created).
         """
-        if record.get("status") not in STATUSES:
-            raise ValueError(f"bad status {record.get('status')!r}")
+        record = {**record, "status": _status(record.get("status"))}
         with self._lock:
             if idempotency_key is not None:
                 row = self._db.execute(
@@ -103,8 +103,8 @@ class JobStore:
 
     def update(self, job_id: str, **fields: Any) -> dict[str, Any]:
         """Merge `fields` into the record (top level) and return the new record."""
-        if "status" in fields and fields["status"] not in STATUSES:
-            raise ValueError(f"bad status {fields['status']!r}")
+        if "status" in fields:
+            fields["status"] = _status(fields["status"])
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -172,7 +172,8 @@ class JobStore:
         """Queued and running jobs of one owner."""
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ('queued', 'running')", (owner,)
+                f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ({','.join('?' * len(ACTIVE))})",
+                (owner, *sorted(ACTIVE)),
             ).fetchone()
         return row[0]
 
@@ -180,3 +181,10 @@ class JobStore:
         with self._lock:
             rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
         return {s: 0 for s in STATUSES} | dict(rows)
+
+
+def _status(value: object) -> str:
+    """A status as stored: the plain string of a `JobStatus` (ValueError for anything else)."""
+    if value not in STATUSES:
+        raise ValueError(f"bad status {value!r}")
+    return JobStatus(value).value

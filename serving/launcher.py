@@ -20,19 +20,18 @@ from __future__ import annotations
 import argparse
 import errno
 import ipaddress
-import json
 import logging
 import os
 import signal
 import socket
 import time
-import urllib.request
 
 from cluster import ray_auth
 from cluster.simulated import LOOPBACK, LOOPBACK_ENV, SimulatedCluster
 from cluster.vram_classes import HEAD_RESOURCE, parse_simulate
 from pipeline.errors import I2VError
 
+from . import harness
 from .config import FarmSettings, WorkerScaling, load_settings
 
 log = logging.getLogger(__name__)
@@ -240,32 +239,15 @@ def _start_ray(counts: dict[str, int], simulated: bool, dashboard: bool = False,
 
 
 def _start_serve(settings: FarmSettings) -> None:
-    from ray import serve
-
-    from .app import APP_NAME, build
-
-    serve.start(http_options={"host": settings.host, "port": settings.port}, proxy_location="HeadOnly")
-    serve.run(build(settings), name=APP_NAME, route_prefix="/", blocking=False)
+    harness.start_serve(settings.host, settings.port)
+    harness.deploy(settings)
 
 
 def _wait_ready(url: str, stop: dict[str, bool]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    last = ""
-    while time.monotonic() < deadline and not stop["now"]:
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except urllib.error.HTTPError as exc:
-            try:
-                last = json.loads(exc.read())["error"]["message"]
-            except Exception:  # noqa: BLE001
-                last = f"HTTP {exc.code}"
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(1)
-    if not stop["now"]:
-        raise LaunchError(f"the farm did not become ready in {READY_TIMEOUT_S} s: {last}")
+    try:
+        harness.wait_ready(url, None, READY_TIMEOUT_S, poll=1, stopped=lambda: stop["now"])
+    except harness.FarmNotReady as exc:
+        raise LaunchError(str(exc)) from None
 
 
 def _stop(cluster) -> None:

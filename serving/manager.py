@@ -20,15 +20,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from monitoring.metrics import FarmMetrics
 from pipeline.errors import I2VError
 from pipeline.request import parse_params
-
-from monitoring.metrics import FarmMetrics
 
 from .backends import SIM
 from .config import FarmSettings
 from .files import apply_umask, atomic_write, make_dirs
-from .job_store import TERMINAL, JobStore
+from .job_store import JobStore
+from .jobs import (
+    ACTIVE,
+    CanceledEvent,
+    DoneEvent,
+    ErrorCode,
+    FailureKind,
+    JobDetail,
+    JobStatus,
+    ProgressEvent,
+    RenderRequest,
+    StartedEvent,
+    parse_worker_event,
+)
 from .scheduler import Backlogged, Fail, NoClassFits, QueuedJob, Retry, Scheduler, estimate_request
 from .storage import INPUT_NAMES, job_prefix
 
@@ -95,11 +107,11 @@ class JobManager:
     def _recover(self) -> None:
         """Queued and running jobs of an earlier run are scheduled again (a restart is not the
         job's fault: it does not count as a failed attempt)."""
-        pending = self.store.with_status(["queued", "running"])
+        pending = self.store.with_status(sorted(ACTIVE))
         last = max((r["seq"] for r in pending), default=0)
         self._seq = itertools.count(last + 1)
         for rec in pending:
-            if rec.get("detail") == "uploading":
+            if rec.get("detail") == JobDetail.UPLOADING:
                 continue  # rendered; its worker's uploader reports when storage has the files
             try:
                 home = self.scheduler.place(rec["estimate"]["vram_bytes"])
@@ -107,12 +119,12 @@ class JobManager:
                 if raised in self.classes and self.classes[raised].memory_gib > self.classes[home].memory_gib:
                     home = raised
             except NoClassFits as exc:
-                self.store.update(rec["id"], status="failed", finished_at=_now(),
-                                  error={"code": "no_class_fits", "message": exc.message})
+                self.store.update(rec["id"], status=JobStatus.FAILED, finished_at=_now(),
+                                  error={"code": ErrorCode.NO_CLASS_FITS, "message": exc.message})
                 continue
             job = self._queued_job(rec, home)
-            if rec["status"] == "running":
-                self.store.update(rec["id"], status="queued", node=None, progress=None,
+            if rec["status"] == JobStatus.RUNNING:
+                self.store.update(rec["id"], status=JobStatus.QUEUED, node=None, progress=None,
                                   note="requeued after a farm restart")
             self.scheduler.requeue(job)
         if pending:
@@ -165,7 +177,7 @@ class JobManager:
         try:
             home = self.scheduler.place(vram)
         except NoClassFits as exc:
-            raise FarmError(exc.message, code="no_class_fits", http_status=422) from None
+            raise FarmError(exc.message, code=ErrorCode.NO_CLASS_FITS, http_status=422) from None
         job_id = uuid.uuid4().hex
         seq = next(self._seq)
         queued = QueuedJob(id=job_id, vram_bytes=vram, seconds=self._run_seconds(seconds), priority=params.priority,
@@ -182,7 +194,7 @@ class JobManager:
             record = {
                 "id": job_id,
                 "owner": owner,
-                "status": "queued",
+                "status": JobStatus.QUEUED,
                 "vram_class": home,
                 "node": None,
                 "progress": {"step": 0, "total": params.num_inference_steps},
@@ -220,9 +232,9 @@ class JobManager:
     async def upload_finished(self, job_id: str, done: dict[str, Any]) -> bool:
         """A worker's uploader stored a spooled job's results: the job has succeeded."""
         rec = self.store.get(job_id)
-        if rec is None or rec["status"] != "running" or rec.get("detail") != "uploading":
+        if rec is None or rec["status"] != JobStatus.RUNNING or rec.get("detail") != JobDetail.UPLOADING:
             return False
-        self._succeed(job_id, rec, done, rec.get("attempts", 0))
+        self._succeed(job_id, rec, DoneEvent.model_validate(done), rec.get("attempts", 0))
         return True
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
@@ -232,14 +244,14 @@ class JobManager:
     async def list(self, status: str | None = None, limit: int = 50, cursor: int | None = None,
                    owner: str | None = None) -> dict[str, Any]:
         jobs, next_cursor = self.store.list(status=status, limit=limit, cursor=cursor, owner=owner)
-        positions = self._queue_positions() if any(j["status"] == "queued" for j in jobs) else {}
+        positions = self._queue_positions() if any(j["status"] == JobStatus.QUEUED for j in jobs) else {}
         return {"jobs": [self._view(j, positions) for j in jobs], "next_cursor": next_cursor}
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
         rec = self.store.get(job_id)
         if rec is None:
             return _error_reply(FarmError(f"no job {job_id}", code="not_found", http_status=404))
-        if rec["status"] in TERMINAL:
+        if JobStatus(rec["status"]).finished:
             return _error_reply(FarmError(
                 f"job {job_id} already {rec['status']}; only queued or running jobs can be canceled",
                 code="not_cancelable", http_status=409))
@@ -248,12 +260,12 @@ class JobManager:
             run.cancel_requested = True
             if run.stream is not None:
                 run.stream.cancel()
-            elif run.task is not None:
-                run.task.cancel()
+            # else: its task has not called a worker yet and sees the flag before it would (canceling
+            # the task instead could stop it before its first step, leaving the job in `running`)
         else:
             self.scheduler.remove(job_id)
-        rec = self.store.update(job_id, status="canceled", finished_at=_now(), detail=None,
-                                error={"code": "canceled", "message": "canceled by request"})
+        rec = self.store.update(job_id, status=JobStatus.CANCELED, finished_at=_now(), detail=None,
+                                error={"code": ErrorCode.CANCELED, "message": "canceled by request"})
         self.metrics.job_finished(rec)
         self._inbox_path(job_id).unlink(missing_ok=True)
         self._wake.set()
@@ -367,7 +379,7 @@ class JobManager:
             estimate = self.store.get(job.id)["estimate"]
             # the estimate follows the job: after a spill, seconds on the class it runs on
             estimate = {**estimate, "seconds": estimate["seconds_by_class"].get(vram_class, estimate["seconds"])}
-            rec = self.store.update(job.id, status="running", vram_class=vram_class, started_at=_now(),
+            rec = self.store.update(job.id, status=JobStatus.RUNNING, vram_class=vram_class, started_at=_now(),
                                     spilled=vram_class != job.home, node=None, estimate=estimate,
                                     progress={"step": 0, "total": None})
             self.metrics.job_started(job.id, job.home, rec.get("created_at"))
@@ -378,34 +390,36 @@ class JobManager:
         from ray.serve.exceptions import RequestCancelledError
 
         job = run.job
-        kind, message = None, ""
+        kind: str | None = None  # a FailureKind, or "done"/"canceled" (how the attempt ended)
+        message = ""
         started = time.monotonic()
         try:
             try:
                 image = await asyncio.to_thread(self._inbox_path(job.id).read_bytes)
             except FileNotFoundError:
-                kind, message = "error", "the job's input image is missing from the job store's inbox"
+                kind, message = FailureKind.ERROR, "the job's input image is missing from the job store's inbox"
                 raise _InputMissing from None
-            payload = {"id": job.id, "params": rec["params"], "image": image, "attempt": job.attempts + 1,
-                       "prefix": rec["prefix"], "input_name": rec["input"]["name"]}
+            payload = RenderRequest(id=job.id, params=rec["params"], image=image, attempt=job.attempts + 1,
+                                    prefix=rec["prefix"], input_name=rec["input"]["name"]).to_dict()
+            if run.cancel_requested:  # canceled while its input was read: never call a worker
+                raise asyncio.CancelledError
             run.stream = self.workers[run.vram_class].options(stream=True).run.remote(payload)
-            if run.cancel_requested:
-                run.stream.cancel()
             async for event in run.stream:
                 outcome = self._on_event(run, event, started)
                 if outcome is not None:
                     kind, message = outcome, event.get("message", "")
             if kind is None and not run.cancel_requested:  # the stream ended without a final event
-                kind, message = "worker_died", "the worker's stream ended before the job finished"
+                kind, message = FailureKind.WORKER_DIED, "the worker's stream ended before the job finished"
         except _InputMissing:
             pass
         except (RequestCancelledError, asyncio.CancelledError):
             kind = "canceled"
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            kind, message = "worker_died", f"worker died: {type(exc).__name__}"
+            kind, message = FailureKind.WORKER_DIED, f"worker died: {type(exc).__name__}"
         except Exception as exc:  # noqa: BLE001
             log.exception("job %s: worker call failed", job.id)
-            kind, message = ("canceled" if run.cancel_requested else "worker_died"), f"{type(exc).__name__}: {exc}"
+            kind = "canceled" if run.cancel_requested else FailureKind.WORKER_DIED
+            message = f"{type(exc).__name__}: {exc}"
         finally:
             self.running.pop(job.id, None)
             self._wake.set()
@@ -413,72 +427,73 @@ class JobManager:
                                    time.monotonic() - started)
         if run.cancel_requested or kind in ("done", "canceled"):
             return
-        self._on_failure(run, kind, message)
+        self._on_failure(run, FailureKind(kind), message)
 
     def _on_event(self, run: Running, event: dict[str, Any], started: float) -> str | None:
-        """Apply one worker event; returns a failure kind ("oom", "error") or "done"/None."""
+        """Apply one worker event; returns a failure kind (`FailureKind.OOM`, `.ERROR`) or
+        "done"/"canceled"/None. A malformed event raises `WorkerEventError`."""
         job = run.job
-        kind = event.get("event")
         self.metrics.worker_event(run.vram_class, event)
+        ev = parse_worker_event(event)
         if run.cancel_requested:
             return None
-        if kind == "started":
-            run.node = event["node"]
-            self.store.update(job.id, node=event["node"], replica=event.get("replica"))
-        elif kind == "progress":
+        if isinstance(ev, StartedEvent):
+            run.node = ev.node
+            self.store.update(job.id, node=ev.node, replica=ev.replica)
+        elif isinstance(ev, ProgressEvent):
             # Kept in memory (what GET shows); written to the store at most every PROGRESS_SAVE_S:
             # a durable write per denoising step halved the manager's throughput.
-            run.progress = {"step": event["step"], "total": event["total"]}
+            run.progress = {"step": ev.step, "total": ev.total}
             now = time.monotonic()
-            if now - run.progress_saved_at >= PROGRESS_SAVE_S or event["step"] == event["total"]:
+            if now - run.progress_saved_at >= PROGRESS_SAVE_S or ev.step == ev.total:
                 self.store.update(job.id, progress=run.progress)
                 run.progress_saved_at = now
-        elif kind == "done":
-            event = {**event, "timings": {**event["timings"], "run": round(time.monotonic() - started, 3)}}
+        elif isinstance(ev, DoneEvent):
+            ev = ev.model_copy(update={"timings": {**ev.timings, "run": round(time.monotonic() - started, 3)}})
             rec = self.store.get(job.id)
-            if event.get("uploaded", True):
-                self._succeed(job.id, rec, event, job.attempts + 1)
+            if ev.uploaded:
+                self._succeed(job.id, rec, ev, job.attempts + 1)
             else:  # rendered, but storage is unreachable: the files wait in the worker's spool
-                self.store.update(job.id, detail="uploading", attempts=job.attempts + 1,
-                                  upload_error=event.get("upload_error"), timings=event["timings"],
-                                  peak_vram_bytes=event["peak_vram_bytes"],
+                self.store.update(job.id, detail=JobDetail.UPLOADING, attempts=job.attempts + 1,
+                                  upload_error=ev.upload_error, timings=ev.timings,
+                                  peak_vram_bytes=ev.peak_vram_bytes,
                                   progress={"step": rec["params"]["num_inference_steps"],
                                             "total": rec["params"]["num_inference_steps"]})
             return "done"
-        elif kind == "canceled":
+        elif isinstance(ev, CanceledEvent):
             return "canceled"
-        elif kind == "error":
-            return "oom" if event.get("code") == "out_of_memory" else "error"
+        else:  # an ErrorEvent
+            return ev.kind
         return None
 
-    def _succeed(self, job_id: str, rec: dict[str, Any], done: dict[str, Any], attempts: int) -> None:
+    def _succeed(self, job_id: str, rec: dict[str, Any], done: DoneEvent, attempts: int) -> None:
         steps = rec["params"]["num_inference_steps"]
         self.store.update(
-            job_id, status="succeeded", detail=None, finished_at=_now(), result=done["result"],
-            timings=done["timings"], peak_vram_bytes=done["peak_vram_bytes"], device=done.get("device"),
+            job_id, status=JobStatus.SUCCEEDED, detail=None, finished_at=_now(), result=done.result,
+            timings=done.timings, peak_vram_bytes=done.peak_vram_bytes, device=done.device,
             attempts=attempts, progress={"step": steps, "total": steps},
         )
         self.metrics.job_finished(self.store.get(job_id))
         self._inbox_path(job_id).unlink(missing_ok=True)
 
-    def _on_failure(self, run: Running, kind: str, message: str) -> None:
+    def _on_failure(self, run: Running, kind: FailureKind, message: str) -> None:
         job = run.job
-        if kind == "oom":
+        if kind == FailureKind.OOM:
             job.home = run.vram_class  # retry on the class above the one that ran out
         decision = self.scheduler.on_failure(job, kind, message)
         self.metrics.attempt_failed(job.id, run.vram_class, kind, retried=isinstance(decision, Retry))
-        failure = {"code": {"oom": "out_of_memory"}.get(kind, kind), "message": message,
+        failure = {"code": kind.code, "message": message,
                    "vram_class": run.vram_class, "node": run.node}
         rec = self.store.get(job.id) or {}
         history = [*rec.get("failures", []), failure]
         if isinstance(decision, Retry):
             log.warning("job %s: %s on %s, retrying on %s", job.id, kind, run.vram_class, decision.vram_class)
-            self.store.update(job.id, status="queued", vram_class=decision.vram_class, home_class=job.home, node=None,
-                              attempts=job.attempts, failures=history, progress={"step": 0, "total": None})
+            self.store.update(job.id, status=JobStatus.QUEUED, vram_class=decision.vram_class, home_class=job.home,
+                              node=None, attempts=job.attempts, failures=history, progress={"step": 0, "total": None})
             self.scheduler.requeue(job)
         else:
             assert isinstance(decision, Fail)
-            self.store.update(job.id, status="failed", finished_at=_now(), attempts=job.attempts,
+            self.store.update(job.id, status=JobStatus.FAILED, finished_at=_now(), attempts=job.attempts,
                               failures=history, error={"code": decision.code, "message": decision.message})
             self.metrics.job_finished(self.store.get(job.id))
             self._inbox_path(job.id).unlink(missing_ok=True)
@@ -490,9 +505,9 @@ class JobManager:
         out = {k: v for k, v in rec.items() if k not in ("seq",)}
         out["estimate"] = {k: v for k, v in rec["estimate"].items() if k != "seconds_by_class"}
         run = self.running.get(rec["id"])
-        if rec["status"] == "running" and run is not None and run.progress:
+        if rec["status"] == JobStatus.RUNNING and run is not None and run.progress:
             out["progress"] = dict(run.progress)
-        if rec["status"] == "queued":
+        if rec["status"] == JobStatus.QUEUED:
             out["queue_position"] = (positions.get(rec["id"]) if positions is not None
                                      else self._queue_position(rec["id"]))
         return out

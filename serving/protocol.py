@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.request import GenerationParams
 
+#: `serving.jobs.JobStatus`'s values, spelled out for the OpenAPI schema (a test keeps them equal).
 Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
 

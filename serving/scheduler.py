@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from cluster.vram_classes import ClassSet
 from pipeline.cost_model import GiB, Workload, estimate
 
+from .jobs import FailureKind
+
 __all__ = [
     "PRIORITY_RANK",
     "Backlogged",
@@ -57,7 +59,7 @@ __all__ = [
 PRIORITY_RANK: dict[str, int] = {"low": -1, "normal": 0, "high": 1}
 
 #: Failure kinds `Scheduler.on_failure` understands.
-FAILURE_KINDS: tuple[str, ...] = ("oom", "worker_died", "error")
+FAILURE_KINDS: tuple[str, ...] = tuple(k.value for k in FailureKind)
 
 
 @dataclass
@@ -338,21 +340,22 @@ class Scheduler:
         """
         if kind not in FAILURE_KINDS:
             raise ValueError(f"failure kind must be one of {FAILURE_KINDS}, got {kind!r}")
+        kind = FailureKind(kind)
         job.attempts += 1
         detail = f": {message}" if message else ""
-        if kind == "error":
-            return Fail("generation_failed", message or "generation failed")
+        if kind == FailureKind.ERROR:
+            return Fail(kind.fail_code.value, message or "generation failed")
         self._check_class(job.home)
-        if kind == "oom":
+        if kind == FailureKind.OOM:
             larger = self._next_larger(job.home)
             if larger is None:
                 return Fail(
-                    "out_of_memory",
+                    kind.fail_code.value,
                     f"out of memory on {job.home}, the largest VRAM class{detail}",
                 )
             if job.attempts >= self.max_attempts:
                 return Fail(
-                    "out_of_memory",
+                    kind.fail_code.value,
                     f"out of memory on {job.home} after {job.attempts} attempts{detail}",
                 )
             previous, job.home = job.home, larger
@@ -360,7 +363,7 @@ class Scheduler:
         # worker_died
         if job.attempts >= self.max_attempts:
             return Fail(
-                "worker_died",
+                kind.fail_code.value,
                 f"the worker died {job.attempts} times (max_attempts {self.max_attempts}){detail}",
             )
         return Retry(

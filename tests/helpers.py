@@ -37,3 +37,32 @@ def ffprobe(path) -> dict:
         capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout)["streams"][0]
+
+
+def http_server(respond):
+    """A loopback HTTP server on a free port, serving GETs from a daemon thread.
+
+    `respond(path) -> (status, headers, body)`. Returns (server, seen, base URL); `seen` lists
+    each request as {"path", lower-cased header: value}. Call `server.shutdown()` and
+    `server.server_close()` when done."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+            status, headers, body = respond(self.path)
+            self.send_response(status)
+            for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen, f"http://127.0.0.1:{server.server_address[1]}"

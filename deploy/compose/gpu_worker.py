@@ -40,7 +40,9 @@ def env_name(class_name: str) -> str:
     return "GPUS_" + class_name.upper().replace("-", "_")
 
 
-def start_command(class_name: str, gpus: Sequence[LocalGpu], classes: ClassSet, head: str) -> tuple[list[str], list[str]]:
+def start_command(
+    class_name: str, gpus: Sequence[LocalGpu], classes: ClassSet, head: str
+) -> tuple[list[str], list[str]]:
     """(`ray start` argv, notes) for a worker of `class_name` holding `gpus`; ValueError if they do not fit."""
     cls = classes[class_name]
     if not gpus:

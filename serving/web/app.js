@@ -11,8 +11,9 @@
 "use strict";
 
 (() => {
-  const TERMINAL = ["succeeded", "failed", "canceled"];
-  const ACTIVE = ["queued", "running"];
+  // Job statuses, from v1/info (`statuses`: the farm's own lists), set by loadInfo before jobs show.
+  let TERMINAL = []; // finished: succeeded, failed, canceled
+  let ACTIVE = []; // queued or running: may be canceled
   const PRESET_NAMES = { fast: "Fast", standard: "Standard", high: "High quality" };
   const NUMBER_FIELDS = ["num_frames", "fps", "num_inference_steps", "guidance_scale", "seed", "target_fps"];
   const SELECT_FIELDS = ["resolution", "scheduler", "priority"];
@@ -209,6 +210,7 @@
     for (;;) {
       try {
         state.info = await api("GET", "v1/info");
+        ({ finished: TERMINAL, active: ACTIVE } = state.info.statuses);
         break;
       } catch (err) {
         showError(err);

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
-from cluster.simulated import free_port
 from tests.helpers import make_image
 
 CLUSTER = "12gb:2,24gb:1"
@@ -26,15 +25,14 @@ def ray_cluster(tmp_path_factory):
     from ray import serve
 
     from cluster.simulated import SimulatedCluster
+    from serving.harness import start_serve
 
     token_file = tmp_path_factory.mktemp("ray-auth") / "ray_token"
     sim = SimulatedCluster(CLUSTER, head_cpus=4, node_cpus=2, dashboard=True,  # Jobs API
                            auth_token_file=token_file).start()
     try:
         sim.connect(namespace="i2v-tests", log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        yield sim, port
+        yield sim, start_serve()
     finally:
         try:
             serve.shutdown()
@@ -98,32 +96,31 @@ class Farm:
 
 def deploy(ray_cluster, tmp_path, **overrides) -> Farm:
     """Deploy the farm application with these settings on the shared cluster; wait until ready."""
-    from ray import serve
-
-    from serving.app import APP_NAME, build
+    from serving import harness
     from serving.config import load_settings
 
     sim, port = ray_cluster
     base = {"model": "sim", "job_db": str(tmp_path / "jobs.sqlite3"),
             "storage_url": f"file://{tmp_path / 'outputs'}", "sim_time_scale": 0.01}
     settings = load_settings({**base, **overrides}, env={})
-    serve.run(build(settings), name=APP_NAME, route_prefix="/")
     farm = Farm(url=f"http://127.0.0.1:{port}", settings=settings.resolved(), sim=sim)
-    deadline = time.monotonic() + 120
-    while True:
-        r = farm.session.get(farm.url + "/readyz", timeout=10)
-        if r.status_code == 200:
-            wanted = {c: w["max_replicas"] for c, w in overrides.get("workers", {}).items()}
-            if r.json()["replicas"] == wanted:
-                return farm
-        if time.monotonic() > deadline:
-            raise AssertionError(f"farm not ready: {r.text}")
-        time.sleep(0.3)
+    wanted = {c: w["max_replicas"] for c, w in overrides.get("workers", {}).items()}
+    harness.deploy(settings, farm.url, wanted, timeout=120)
+    return farm
+
+
+def deploy_secured(ray_cluster, tmp_path, tokens: dict[str, dict], **overrides):
+    """The farm with API tokens required (`auth: on`): one token per name, made with these
+    `TokenStore.create` arguments. Returns (farm, {name: token}, the token store)."""
+    from serving.auth import TokenStore
+
+    store = TokenStore(tmp_path / "tokens.json")
+    made = {name: store.create(name, **kwargs) for name, kwargs in tokens.items()}
+    farm = deploy(ray_cluster, tmp_path, auth="on", tokens_file=str(tmp_path / "tokens.json"), **overrides)
+    return farm, made, store
 
 
 def undeploy() -> None:
-    from ray import serve
+    from serving import harness
 
-    from serving.app import APP_NAME
-
-    serve.delete(APP_NAME)
+    harness.undeploy()

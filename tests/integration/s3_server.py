@@ -34,7 +34,7 @@ class S3Server:
                     return self
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on port {self.port}")
+                    raise RuntimeError(f"moto server did not start on port {self.port}") from None
                 time.sleep(0.1)
 
     def stop(self) -> None:

@@ -9,8 +9,7 @@ import time
 import pytest
 import requests
 
-from serving.auth import TokenStore
-from tests.integration.conftest import deploy, png_bytes, undeploy
+from tests.integration.conftest import deploy_secured, png_bytes, undeploy
 
 LONG = {"resolution": "512p", "num_frames": 16, "num_inference_steps": 100}
 
@@ -18,16 +17,13 @@ LONG = {"resolution": "512p", "num_frames": 16, "num_inference_steps": 100}
 @pytest.fixture(scope="module")
 def secured(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auth")
-    store = TokenStore(tmp / "tokens.json")
-    tokens = {
-        "alice": store.create("alice", rate_per_min=100, max_active=10),
-        "bob": store.create("bob", rate_per_min=100, max_active=10),
-        "ops": store.create("ops", admin=True),
-        "slow": store.create("slow", rate_per_min=2, max_active=10),
-        "single": store.create("single", rate_per_min=100, max_active=1),
-    }
-    farm = deploy(ray_cluster, tmp, auth="on", tokens_file=str(tmp / "tokens.json"),
-                  workers={"12gb": {"min_replicas": 2, "max_replicas": 2}})
+    farm, tokens, store = deploy_secured(ray_cluster, tmp, {
+        "alice": {"rate_per_min": 100, "max_active": 10},
+        "bob": {"rate_per_min": 100, "max_active": 10},
+        "ops": {"admin": True},
+        "slow": {"rate_per_min": 2, "max_active": 10},
+        "single": {"rate_per_min": 100, "max_active": 1},
+    }, workers={"12gb": {"min_replicas": 2, "max_replicas": 2}})
     yield farm, tokens, store, tmp
     undeploy()
 

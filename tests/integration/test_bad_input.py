@@ -290,7 +290,7 @@ def multipart_bodies(draw):
     if draw(st.integers(0, 4)) > 0:
         body += f"--{boundary}--\r\n".encode()
     ctype = draw(st.sampled_from([f"multipart/form-data; boundary={boundary}", "multipart/form-data",
-                                  f"multipart/form-data; boundary=other", f'multipart/form-data; boundary="{boundary}"',
+                                  "multipart/form-data; boundary=other", f'multipart/form-data; boundary="{boundary}"',
                                   f"MULTIPART/FORM-DATA; boundary={boundary}"]))
     return ctype, body
 

@@ -13,11 +13,9 @@ real HTTP API and its real storage:
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -25,12 +23,12 @@ import pytest
 import requests
 
 from serving import egress
-from serving.auth import TokenStore
 from serving.batch import EgressPolicy, batch_settings, run_batch
 from serving.client import FarmClient
 from serving.files import wider_than
 from serving.storage import LocalStorage
-from tests.integration.conftest import deploy, png_bytes, undeploy
+from tests.helpers import http_server
+from tests.integration.conftest import deploy_secured, png_bytes, undeploy
 
 QUICK = {"num_frames": 8, "num_inference_steps": 2}
 
@@ -38,12 +36,10 @@ QUICK = {"num_frames": 8, "num_inference_steps": 2}
 @pytest.fixture(scope="module")
 def secured(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("batch-security")
-    store = TokenStore(root / "tokens.json")
-    tokens = {"alice": store.create("alice", rate_per_min=1000, max_active=20),
-              "bob": store.create("bob", rate_per_min=1000, max_active=20),
-              "ops": store.create("ops", admin=True)}
-    farm = deploy(ray_cluster, root, auth="on", tokens_file=str(root / "tokens.json"), spool_dir=str(root / "spool"),
-                  workers={"12gb": {"min_replicas": 1, "max_replicas": 1}})
+    limits = {"rate_per_min": 1000, "max_active": 20}
+    farm, tokens, _ = deploy_secured(ray_cluster, root, {"alice": limits, "bob": limits, "ops": {"admin": True}},
+                                     spool_dir=str(root / "spool"),
+                                     workers={"12gb": {"min_replicas": 1, "max_replicas": 1}})
     yield farm, tokens, root
     undeploy()
 
@@ -51,24 +47,9 @@ def secured(ray_cluster, tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_server():
     """http://127.0.0.1:PORT/e.png: a loopback service (here one that serves an image)."""
-    seen: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            seen.append(self.path)
-            body = png_bytes(112, 96, seed=5)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", server.server_address[1], seen
+    body = png_bytes(112, 96, seed=5)
+    server, seen, url = http_server(lambda path: (200, {"Content-Type": "image/png"}, body))
+    yield url, server.server_address[1], seen
     server.shutdown()
     server.server_close()
 
@@ -177,14 +158,14 @@ def test_loopback_services_are_refused_unless_egress_allow_lists_them(secured, i
         assert "loopback" in lines[0]["error"]["message"] and "egress_allow" in lines[0]["error"]["message"]
         assert "images.example resolves to 127.0.0.1" in lines[2]["error"]["message"]
         assert "metadata" in lines[4]["error"]["message"]
-        assert seen == [] and len(_my_jobs(farm, tokens["alice"])) == before  # nothing fetched, nothing queued
+        assert [r["path"] for r in seen] == [] and len(_my_jobs(farm, tokens["alice"])) == before  # nothing fetched, nothing queued
 
         # the operator allows the loopback image server (I2V_EGRESS_ALLOW, as the Ray job's env gives it)
         allowed = EgressPolicy.from_settings(batch_settings(env={"I2V_EGRESS_ALLOW": "127.0.0.1"}))
         code, lines, log = _batch(farm, tokens["alice"], tmp_path / "allowed", rows[:1] + rows[2:3],
                                   "batches/allowed/", allowed)
         assert _outcome(lines) == [("succeeded", None), ("succeeded", None)], log
-        assert seen == ["/e.png", "/e.png"]
+        assert [r["path"] for r in seen] == ["/e.png", "/e.png"]
     finally:
         egress.set_resolver(old)
 
@@ -216,6 +197,7 @@ def test_every_file_the_farm_made_is_private_and_its_processes_run_with_umask_07
     assert any(p.endswith("/params.json") for p in made) and any(p.endswith("/video.mp4") for p in made)
     assert wider_than(root, 0o600) == []  # files 0600, directories 0700, under every root of the farm
     umasks = _replica_umasks()
-    kinds = {title.rsplit(":", 1)[-1] for title in umasks}
+    # `ray::ServeReplica:APP:DEPLOYMENT`, with `.METHOD` appended while the replica handles a call
+    kinds = {title.rsplit(":", 1)[-1].split(".", 1)[0] for title in umasks}
     assert {"FarmApi", "JobManager", "Worker_12gb"} <= kinds, umasks
     assert set(umasks.values()) == {"0077"}, umasks

@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-import pytest
 import ray
 
 from tests.helpers import ffprobe

@@ -130,7 +130,7 @@ def test_concurrent_submissions_are_each_answered_once_and_none_is_lost(farm):
     codes = Counter(status for _, status, *_ in answers)
     other = [(k, s, d) for k, s, _, _, _, d in answers if s not in (200, 202, 429)]
     assert not other, other[:5]
-    for key, status, job_id, _, headers, data in answers:
+    for _key, status, job_id, _, headers, data in answers:
         if status == 429:
             assert int(headers.get("retry-after", 0)) >= 1, (headers, data)
             assert data["error"]["code"] == "backlogged" and data["error"]["message"], data
@@ -139,7 +139,7 @@ def test_concurrent_submissions_are_each_answered_once_and_none_is_lost(farm):
 
     # 2) one job per key, whichever answer carried it; a 200 only for a key that has a job
     job_of: dict[str, str] = {}
-    for key, status, job_id, *_ in answers:
+    for key, _status, job_id, *_ in answers:
         if job_id is not None:
             assert job_of.setdefault(key, job_id) == job_id, f"key {key} got two jobs"
     created = Counter(key for key, status, *_ in answers if status == 202)
@@ -175,7 +175,7 @@ def test_concurrent_submissions_are_each_answered_once_and_none_is_lost(farm):
     now = {name: _status_kib(pid, "VmRSS") * 1024 for name, pid in pids.items()}
 
     first = {}
-    for key, status, job_id, took, *_ in answers:
+    for key, _status, _job_id, took, *_ in answers:
         first.setdefault(key, took)
     lat = sorted(first.values())
     p50 = statistics.median(lat)

@@ -25,8 +25,15 @@ import requests
 from cluster import ray_auth
 from cluster.simulated import LOOPBACK_ENV
 from tests.integration.conftest import deploy, undeploy
-from tests.ray_probe import (RAY_SERVICES, assert_no_exposed_port_runs_code, cmdlines_holding, files_holding,
-                              grpc_status, listening_sockets, session_dirs)
+from tests.ray_probe import (
+    RAY_SERVICES,
+    assert_no_exposed_port_runs_code,
+    cmdlines_holding,
+    files_holding,
+    grpc_status,
+    listening_sockets,
+    session_dirs,
+)
 
 WORKERS = {"12gb": {"min_replicas": 1, "max_replicas": 1}}
 

@@ -13,8 +13,8 @@ import time
 import pytest
 import requests
 
-from serving.auth import COOKIE, TokenStore
-from tests.integration.conftest import deploy, png_bytes, undeploy
+from serving.auth import COOKIE
+from tests.integration.conftest import deploy_secured, png_bytes, undeploy
 
 PROXY = "127.0.0.2"  # a trusted reverse proxy: tests connect from this source address
 LONG = {"resolution": "512p", "num_frames": 16, "num_inference_steps": 100}
@@ -23,18 +23,12 @@ LONG = {"resolution": "512p", "num_frames": 16, "num_inference_steps": 100}
 @pytest.fixture(scope="module")
 def secured(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("security")
-    store = TokenStore(tmp / "tokens.json")
-    tokens = {
-        "alice": store.create("alice", rate_per_min=1000, max_active=50),
-        "mallory": store.create("mallory", rate_per_min=1000, max_active=50),
-        "boss": store.create("boss", rate_per_min=1000, max_active=50, max_priority="high"),
-        "lowly": store.create("lowly", rate_per_min=1000, max_active=50, max_priority="low"),
-        "ops": store.create("ops", admin=True),
-        "streamer": store.create("streamer", rate_per_min=1000, max_active=50),
-    }
-    farm = deploy(ray_cluster, tmp, auth="on", tokens_file=str(tmp / "tokens.json"), trusted_proxies=[PROXY],
-                  max_streams_per_token=3, sim_time_scale=0.2,
-                  workers={"12gb": {"min_replicas": 1, "max_replicas": 1}})
+    many = {"rate_per_min": 1000, "max_active": 50}
+    farm, tokens, store = deploy_secured(ray_cluster, tmp, {
+        "alice": many, "mallory": many, "boss": {**many, "max_priority": "high"},
+        "lowly": {**many, "max_priority": "low"}, "ops": {"admin": True}, "streamer": many,
+    }, trusted_proxies=[PROXY], max_streams_per_token=3, sim_time_scale=0.2,
+        workers={"12gb": {"min_replicas": 1, "max_replicas": 1}})
     yield farm, tokens, store
     undeploy()
 

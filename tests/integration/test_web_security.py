@@ -6,25 +6,22 @@ token nor frame the farm, and the page and `/docs` run under the farm's CSP with
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
 
-from serving.auth import COOKIE, TokenStore
-from tests.integration.conftest import deploy, undeploy
+from serving.auth import COOKIE
+from tests.helpers import http_server
+from tests.integration.conftest import deploy_secured, undeploy
 
 
 @pytest.fixture(scope="module")
 def secured(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("web-security")
-    store = TokenStore(tmp / "tokens.json")
-    tokens = {"alice": store.create("alice", rate_per_min=100, max_active=10),
-              "mallory": store.create("mallory", rate_per_min=100, max_active=10)}
-    farm = deploy(ray_cluster, tmp, auth="on", tokens_file=str(tmp / "tokens.json"),
-                  workers={"12gb": {"min_replicas": 1, "max_replicas": 1}})
+    limits = {"rate_per_min": 100, "max_active": 10}
+    farm, tokens, _ = deploy_secured(ray_cluster, tmp, {"alice": limits, "mallory": limits},
+                                     workers={"12gb": {"min_replicas": 1, "max_replicas": 1}})
     yield farm, tokens
     undeploy()
 
@@ -36,27 +33,19 @@ def hostile():
     """A page on another loopback port: `serve(html)` returns its URL."""
     pages: dict[str, bytes] = {}
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = pages.get(self.path.split("?")[0], b"")
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def respond(path: str):
+        body = pages.get(path.split("?")[0], b"")
+        return (200 if body else 404), {"Content-Type": "text/html"}, body
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, _, url = http_server(respond)
 
     def serve(name: str, html: str) -> str:
         pages["/" + name] = html.encode()
-        return f"http://127.0.0.1:{server.server_address[1]}/{name}"
+        return f"{url}/{name}"
 
     yield serve
     server.shutdown()
+    server.server_close()
 
 
 def _csp_errors(page) -> list[str]:

@@ -12,8 +12,19 @@ import time
 import pytest
 
 from serving import batch
-from serving.batch import (ImageLimits, ManifestRow, RowError, StorageScope, UsageError, assign_ids, check_row,
-                           parse_manifest, read_image, read_manifest, run_batch)
+from serving.batch import (
+    ImageLimits,
+    ManifestRow,
+    RowError,
+    StorageScope,
+    UsageError,
+    assign_ids,
+    check_row,
+    parse_manifest,
+    read_image,
+    read_manifest,
+    run_batch,
+)
 from serving.client import FarmClientError
 from serving.storage import LocalStorage
 from tests.helpers import make_image

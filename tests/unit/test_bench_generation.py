@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from bench.generation import (
-    frame_quality, levers, median, parse_ints, parse_size, psnr, spread, ssim, table,
+    frame_quality,
+    levers,
+    median,
+    parse_ints,
+    parse_size,
+    psnr,
+    spread,
+    ssim,
+    table,
 )
 
 
@@ -106,8 +114,7 @@ def test_lever_rows_each_alone_then_together():
 
 
 def test_split_cfg_computes_the_same_video_in_two_unet_calls(tiny_model):
-    from bench.generation import job_params, make_generator, split_cfg
-    from bench.generation import Lever
+    from bench.generation import Lever, job_params, make_generator, split_cfg
     from tests.helpers import make_image
 
     gen = make_generator(Lever("baseline"))

@@ -40,7 +40,7 @@ def test_peak_tflops_by_device_name():
 
 def test_mfu_is_achieved_flops_over_peak():
     flops = unet_flops_per_step(512, 512, 16)
-    assert flops == pytest.approx(41.9e12, rel=0.01)  # README: 41.9 TFLOP per step at 512x512x16 with CFG
+    assert flops == pytest.approx(41.9e12, rel=0.01)  # docs/cost-model.md: 41.9 TFLOP per step at 512x512x16 with CFG
     achieved, util = mfu(flops, 0.1, 989.0)
     assert achieved == pytest.approx(flops / 0.1 / 1e12)
     assert util == pytest.approx(achieved / 989.0)
@@ -87,3 +87,25 @@ def test_cpu_smoke_runs_every_part(tmp_path):
     assert [row["lever"] for row in data["levers"]] == ["baseline", "cfg_split", "fuse_qkv", "attention_cache"]
     assert data["stock"][0]["max_diff"] <= 1
     assert "calibration" in json.loads((tmp_path / "m.json").read_text())
+
+
+def test_gpu_suite_dry_run_writes_the_three_result_files(tmp_path):
+    """`python -m bench.gpu_suite --dry-run`: every part on the CPU (tiny model), the three JSON
+    files with per-stage peaks, the class-cap rows, the kernel profile and class detection."""
+    import json
+
+    from bench import gpu_suite
+
+    assert gpu_suite.main(["--dry-run", "--out", str(tmp_path), "--parts", "memory,fits,profile,farm"]) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["gpu-farm-dry-run-cpu.json", "gpu-memory-dry-run-cpu.json", "gpu-speed-dry-run-cpu.json"]
+    memory = json.loads((tmp_path / "gpu-memory-dry-run-cpu.json").read_text())
+    assert memory["versions"]["diffusers"] and memory["skipped"] == []
+    cases = [r["case"] for r in memory["rows"]]
+    assert cases == ["64p x8", "64p x16", "64p x16 chunk 2"]
+    assert all(set(r["stages"]) == {"conditioning", "denoise", "decode"} for r in memory["rows"])
+    assert [r["class"] for r in memory["fits"]] == ["12gb", "24gb"] and all(r["fits"] for r in memory["fits"])
+    speed = json.loads((tmp_path / "gpu-speed-dry-run-cpu.json").read_text())
+    assert speed["profile"]["kernel_s_total"] > 0 and speed["profile"]["top_kernels"]
+    farm = json.loads((tmp_path / "gpu-farm-dry-run-cpu.json").read_text())
+    assert set(farm["class_holds_as_measured"]) == {"12gb", "24gb", "40gb", "80gb"}

@@ -13,7 +13,6 @@ import pytest
 
 from bench.scheduler import Bound, TraceJob, _two_class_lp, lower_bound, make_trace
 
-
 ROOT = Path(__file__).resolve().parents[2]
 MACHINES = ("12gb", "12gb", "24gb")  # the bench's cluster: 2 small GPUs, 1 large
 

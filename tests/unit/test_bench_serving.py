@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 
 from bench.control_plane import (
-    growth_verdict, latency_groups, parse_cluster, percentile, rate, tenths,
+    growth_verdict,
+    latency_groups,
+    parse_cluster,
+    percentile,
+    rate,
+    tenths,
 )
 from bench.serving_overhead import interleaved, overhead_verdict
-
 
 # --- serving overhead ------------------------------------------------------------------------
 

@@ -4,35 +4,16 @@ ports (different origins): the farm redirects, the other records what it was sen
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from serving.client import FarmClient
+from tests.helpers import http_server
 
 TOKEN = "i2v_secret-token-of-alice"
 
 
 def _server(handler_fn):
-    seen: list[dict[str, str]] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
-            status, headers, body = handler_fn(self.path)
-            self.send_response(status)
-            for k, v in {**headers, "Content-Length": str(len(body))}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, seen, f"http://127.0.0.1:{server.server_address[1]}"
+    return http_server(handler_fn)
 
 
 @pytest.fixture

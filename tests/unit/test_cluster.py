@@ -372,5 +372,5 @@ def test_simulated_cluster_refuses_unknown_classes():
 def test_simulated_cluster_says_when_it_is_not_running():
     sim = SimulatedCluster("12gb:1")
     with pytest.raises(RuntimeError, match="not running"):
-        sim.address
+        _ = sim.address
     sim.shutdown()  # harmless before start

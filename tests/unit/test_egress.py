@@ -13,8 +13,6 @@ from serving import egress
 from serving.egress import EgressPolicy, EgressRefused, FetchError, address_class
 
 
-
-
 @pytest.mark.parametrize("ip, cls", [
     ("127.0.0.1", "loopback"), ("127.255.255.254", "loopback"), ("::1", "loopback"),
     ("169.254.1.1", "link-local"), ("fe80::1", "link-local"), ("febf::1", "link-local"),

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.metrics import GiB, FarmMetrics, WorkerStats
+from monitoring.metrics import FarmMetrics, GiB, WorkerStats
 
 
 class _Class:

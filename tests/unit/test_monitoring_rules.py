@@ -13,7 +13,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.metrics import GiB, FarmMetrics, WorkerStats
+from monitoring.metrics import FarmMetrics, GiB, WorkerStats
 
 ROOT = Path(__file__).resolve().parents[2] / "monitoring"
 PROMETHEUS = ROOT / "prometheus"

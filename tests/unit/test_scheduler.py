@@ -43,7 +43,8 @@ def test_estimate_job_matches_the_cost_model_per_class():
     vram, seconds = estimate_job(CLASSES, w, h, 16, 50, True)
     wl = Workload(w, h, 16, 50)
     assert vram == estimate(wl, CLASSES["80gb"].gpu_spec).vram_bytes
-    assert 7.0 < vram / GiB < 7.3
+    # measured on an H200: 7.26 GiB allocated + 0.58 GiB CUDA context; the model adds 10% on activations
+    assert 8.0 < vram / GiB < 8.2
     assert list(seconds) == ["12gb", "24gb", "40gb", "80gb"]
     for c in CLASSES:
         assert seconds[c.name] == pytest.approx(estimate(wl, c.gpu_spec).seconds)
@@ -56,7 +57,7 @@ def test_estimate_job_matches_the_cost_model_per_class():
 
 @pytest.mark.parametrize(
     "resolution, frames, home",
-    [("512p", 16, "12gb"), ("768p", 16, "12gb"), ("1024p", 16, "24gb"), ("1024p", 32, "24gb")],
+    [("512p", 16, "12gb"), ("768p", 16, "12gb"), ("1024p", 16, "24gb"), ("1024p", 32, "40gb")],
 )
 def test_smallest_fitting_class_from_real_estimates(resolution, frames, home):
     w, h = RESOLUTIONS[resolution]
@@ -80,22 +81,23 @@ def test_place_boundaries():
         s.place(80 * GiB + 1)
 
 
-def test_1024p_32_frames_on_a_12gb_24gb_subset():
+def test_1024p_24_and_32_frames_on_a_12gb_24gb_subset():
     small = CLASSES.subset(["12gb", "24gb"])
     w, h = RESOLUTIONS["1024p"]
-    # float16: ~20.4 GiB by the cost model, so it still fits the 24gb class.
-    vram16, _ = estimate_job(small, w, h, 32, 50, True)
-    assert 20.0 < vram16 / GiB < 21.0
+    # float16 x 24 frames: ~22.3 GiB by the cost model (it ran under a 24 GiB cap on an H200).
+    vram16, _ = estimate_job(small, w, h, 24, 50, True)
+    assert 22.0 < vram16 / GiB < 22.7
     assert Scheduler(small).place(vram16) == "24gb"
-    # float32: ~40.2 GiB, more than the largest class: refused with the reason.
-    vram32, seconds = estimate_job(small, w, h, 32, 50, True, dtype="float32")
-    assert 40.0 < vram32 / GiB < 40.5
+    # x 32 frames: ~28 GiB (out of memory under the 24 GiB cap), more than the largest class:
+    # refused with the reason.
+    vram32, seconds = estimate_job(small, w, h, 32, 50, True)
+    assert 27.5 < vram32 / GiB < 28.5
     s = Scheduler(small)
     with pytest.raises(NoClassFits) as info:
         s.admit(QueuedJob("big", vram32, seconds))
     err = info.value
     assert err.needed_bytes == vram32 and err.largest == "24gb"
-    assert "40.2 GiB" in err.message
+    assert f"{vram32 / GiB:.1f} GiB" in err.message
     assert "24gb" in err.message and "24.0 GiB" in err.message
     assert s.backlog() == {"12gb": 0, "24gb": 0} and len(s) == 0
 
@@ -107,7 +109,7 @@ def test_1024p_32_frames_float16_fits_no_class_of_a_12gb_only_subset():
     with pytest.raises(NoClassFits) as info:
         Scheduler(only12).place(vram)
     assert info.value.largest == "12gb"
-    assert "20.4 GiB" in info.value.message and "12.0 GiB" in info.value.message
+    assert "28.0 GiB" in info.value.message and "12.0 GiB" in info.value.message
 
 
 def test_admit_sets_home_and_keeps_a_given_one():
