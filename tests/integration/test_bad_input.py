@@ -226,9 +226,16 @@ valid_images = st.builds(_encoded, st.sampled_from(["PNG", "JPEG", "WEBP"]), st.
     lambda data: expect_valid({"prompt": "x"}, data))
 
 
+def _fits_12gb_24gb(fields: dict) -> bool:
+    """This farm has 12gb and 24gb workers: from 1024p x 27 frames the calibrated cost model needs
+    more than 24 GiB (1024p x 32 ran out of memory on a 24 GB card), so such a request is refused
+    with 422 no_class_fits, as it should be; the valid requests drawn here stay at <= 24 frames."""
+    return not (fields.get("resolution") == "1024p" and fields.get("num_frames", 24) > 24)
+
+
 @EXAMPLES
-@given(fields=st.fixed_dictionaries({}, optional=VALID).filter(lambda f: "prompt" in f), image=valid_images,
-       multipart=st.booleans())
+@given(fields=st.fixed_dictionaries({}, optional=VALID).filter(lambda f: "prompt" in f and _fits_12gb_24gb(f)),
+       image=valid_images, multipart=st.booleans())
 def test_valid_requests_are_accepted(farm, fields, image, multipart):
     if multipart:
         r = farm.session.post(farm.url + "/v1/jobs", data={k: str(v) for k, v in fields.items()},

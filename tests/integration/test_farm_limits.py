@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from pipeline.cost_model import GPUS, Workload, estimate
 from tests.integration.conftest import deploy, undeploy
 
 LONG_512 = {"resolution": "512p", "num_frames": 16, "num_inference_steps": 100}
@@ -22,11 +23,11 @@ def small_farm(ray_cluster, tmp_path):
 def test_job_no_class_can_hold_is_refused_at_once(small_farm):
     farm = small_farm
     before = farm.cluster()["jobs"]
-    r = farm.submit(resolution="1024p", num_frames=16)  # ~12.8 GiB > the only class, 12gb
+    r = farm.submit(resolution="1024p", num_frames=16)  # ~16.6 GiB > the only class, 12gb
     assert r.status_code == 422, r.text
     err = r.json()["error"]
     assert err["code"] == "no_class_fits"
-    assert re.search(r"12\.[5-9] GiB", err["message"]) and "12gb (12.0 GiB)" in err["message"]
+    assert re.search(r"16\.[0-9] GiB", err["message"]) and "12gb (12.0 GiB)" in err["message"]
     assert farm.cluster()["jobs"] == before  # nothing queued, nothing stored
 
 
@@ -38,8 +39,9 @@ def test_full_backlog_answers_429_with_retry_after(small_farm):
     r = farm.submit(**LONG_512)
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "backlogged"
-    # two queued jobs of ~4.2 s each on one 12gb worker
-    assert 8 <= int(r.headers["Retry-After"]) <= 10
+    # two queued jobs of the cost model's seconds each (x sim_time_scale 0.01) on one 12gb worker
+    one = estimate(Workload(512, 512, 16, 100), GPUS["rtx3060-12gb"]).seconds * 0.01
+    assert int(2 * one) <= int(r.headers["Retry-After"]) <= int(2 * one) + 2, (one, r.headers["Retry-After"])
     for job in [first, *queued]:
         assert farm.cancel(job["id"]).status_code == 200
     assert farm.submit(**LONG_512).status_code == 202  # room again
@@ -51,7 +53,7 @@ def test_out_of_memory_retries_on_the_next_larger_class_then_fails(ray_cluster, 
                   workers={"12gb": {"min_replicas": 1, "max_replicas": 1},
                            "24gb": {"min_replicas": 1, "max_replicas": 1}})
     try:
-        # ~9.0 GiB estimated -> 12gb; really 13.5 GiB: OOM there, fits 24gb
+        # ~10.9 GiB estimated -> 12gb; really 16.4 GiB: OOM there, fits 24gb
         job = farm.submit_ok(resolution="512p", num_frames=32, num_inference_steps=10)
         assert job["vram_class"] == "12gb"
         done = farm.wait(job["id"])
@@ -60,8 +62,8 @@ def test_out_of_memory_retries_on_the_next_larger_class_then_fails(ray_cluster, 
         assert [(f["code"], f["vram_class"]) for f in done["failures"]] == [("out_of_memory", "12gb")]
         assert done["attempts"] == 2
 
-        # ~20.4 GiB estimated -> 24gb; really 30.6 GiB: no larger class -> failed, with the reason
-        big = farm.submit_ok(resolution="1024p", num_frames=32, num_inference_steps=10)
+        # ~22.3 GiB estimated -> 24gb; really 33.5 GiB: no larger class -> failed, with the reason
+        big = farm.submit_ok(resolution="1024p", num_frames=24, num_inference_steps=10)
         assert big["vram_class"] == "24gb"
         failed = farm.wait(big["id"])
         assert failed["status"] == "failed"

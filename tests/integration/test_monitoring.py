@@ -29,8 +29,8 @@ from tests.integration.conftest import deploy, undeploy
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 GiB = 2**30
 WORKERS = {"12gb": {"min_replicas": 1, "max_replicas": 1}, "24gb": {"min_replicas": 1, "max_replicas": 1}}
-#: x1.5 the estimate: 512p x 8 (6.2 GiB -> 9.2) fits 12gb; 768p x 16 (9.5 -> 14.2) runs out on 12gb and
-#: fits 24gb; 1024p x 32 (20.3 -> 30.4) runs out on 24gb, the largest class here.
+#: x1.5 the estimate: 512p x 8 (6.6 GiB -> 10.0) fits 12gb; 768p x 16 (11.6 -> 17.5) runs out on 12gb and
+#: fits 24gb; 1024p x 24 (22.3 -> 33.5) runs out on 24gb, the largest class here.
 VRAM_FACTOR = 1.5
 #: Grafana's built-in variables, as a dashboard would resolve them (wide enough for this test's data).
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__range": "5m", "$__interval": "15s"}
@@ -153,7 +153,7 @@ def jobs(farm, prometheus):
         "ok1": farm.submit_ok(resolution="512p", num_frames=8, **quick),
         "ok2": farm.submit_ok(resolution="512p", num_frames=8, **quick),
         "oom_retry": farm.submit_ok(resolution="768p", num_frames=16, **quick),
-        "fail": farm.submit_ok(resolution="1024p", num_frames=32, **quick),
+        "fail": farm.submit_ok(resolution="1024p", num_frames=24, **quick),
         "cancel": farm.submit_ok(resolution="512p", num_frames=8, num_inference_steps=100),
     }
     assert farm.cancel(submitted["cancel"]["id"]).status_code == 200
