@@ -28,7 +28,7 @@ speed and memory; no download) and measures, in one process:
   not how good a video looks);
 * **memory** (fp16): peak VRAM of the presets (fast 512p x 8, standard 512p x 16, high 768p x 24)
   and of 512p x 16 at decode_chunk_size 1/2/4/8/16, the cost model's prediction beside each, the
-  `activation_scale` that `cost_model.calibrate_memory` fits to them, and whether the 12gb class
+  `activation_scale` that `pipeline.gpu_fit` fits to their allocated peaks, and whether the 12gb class
   holds 512p x 16. `--memory-json FILE` writes the measurements and the fitted calibration for
   the cost model.
 
@@ -376,11 +376,11 @@ def part_solvers(args) -> list[dict[str, Any]]:
 def part_memory(args, ctx: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from dataclasses import asdict
 
-    from pipeline import cost_model
+    from pipeline import cost_model, gpu_fit
     from pipeline.generator import Generator, MemoryOptions
 
     model = _build("float16" if _cuda() else "float32")
-    rows, measurements = [], []
+    rows = []
     cases = [(name, w, h, f, 1) for name, w, h, f in PRESET_SHAPES]
     cases += [(f"512p x16 chunk {c}", 512, 512, 16, c) for c in CHUNKS if c != 1]
     if not _cuda():  # smoke run: the first shape, two chunk sizes
@@ -397,8 +397,6 @@ def part_memory(args, ctx: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             row["predicted_bytes"] = cost_model.estimate(
                 cost_model.Workload(w, h, f, 1, dtype="float16", decode_chunk_size=chunk),
                 cost_model.GPUS["rtx3060-12gb"]).vram_bytes
-            measurements.append(cost_model.MemoryMeasurement(w, h, f, "float16", row["card_bytes"],
-                                                             decode_chunk_size=chunk))
         except Exception as exc:  # noqa: BLE001
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         _free()
@@ -406,9 +404,10 @@ def part_memory(args, ctx: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         rows.append(row)
     _free(model)
     fitted: dict[str, Any] = {}
-    if measurements:
-        cal = cost_model.calibrate_memory(measurements)
-        fitted = {"calibration": asdict(cal), "measurements": [asdict(m) for m in measurements]}
+    measured = [r for r in rows if "error" not in r]
+    if measured:
+        cal = gpu_fit.calibration_from(measured, ctx)
+        fitted = {"calibration": asdict(cal), "measurements": measured}
         for row in rows:
             if "error" not in row:
                 row["calibrated_bytes"] = cost_model.estimate(
@@ -485,7 +484,7 @@ def report(args, gpu: str, peak: float | None, stock, levers, solvers, memory, f
                        _fits_12gb(r["card_bytes"])])
         if fitted:
             print(f"fitted activation_scale = {fitted['calibration']['activation_scale']:.3f} "
-                  "(cost_model.calibrate_memory; 1.0 = the formula as written)")
+                  "(pipeline.gpu_fit on allocated peaks; 1.0 = the formula as written)")
 
 
 def _fits_12gb(card_bytes: int) -> str:

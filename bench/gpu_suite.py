@@ -12,8 +12,8 @@ skipped and says so):
   architecture with random weights, fp16, the shipped defaults, for 512p/768p/1024p x 8/16/24/32
   frames, plus decode chunk 8 and `cpu_offload`: peak `max_memory_allocated` and
   `max_memory_reserved` per stage (conditioning, denoise, decode), the CUDA context, the cost
-  model's estimate beside each, and the `activation_scale` that `cost_model.calibrate_memory`
-  fits to them;
+  model's estimate beside each, and the `activation_scale` that `pipeline.gpu_fit`
+  fits to their allocated peaks (as `pipeline/gpu_calibration.json` is fitted);
 * speed: ours vs stock `I2VGenXLPipeline` (same weights, seed, dtype) at 512x512x16@50 and
   1024x1024x16@10, UNet TFLOP/s and MFU (`bench.generation_gpu.part_stock`);
 * levers, solvers, bf16, compile: `bench.generation_gpu`'s parts at 512x512x16;
@@ -158,7 +158,7 @@ def _memory_case(model, gen, case: str, w: int, h: int, f: int, *, chunk: int, o
 
 
 def part_memory(shapes, ctx: int, offload: bool = True) -> dict[str, Any]:
-    from pipeline import cost_model
+    from pipeline import cost_model, gpu_fit
     from pipeline.generator import Generator, MemoryOptions
 
     dtype = "float16" if gg._cuda() else "float32"
@@ -192,9 +192,7 @@ def part_memory(shapes, ctx: int, offload: bool = True) -> dict[str, Any]:
     fitted: dict[str, Any] = {}
     measured = [r for r in rows if "error" not in r and not r["cpu_offload"] and gg._cuda()]
     if measured:
-        ms = [cost_model.MemoryMeasurement(r["width"], r["height"], r["frames"], "float16", r["card_bytes"],
-                                           decode_chunk_size=r["decode_chunk_size"]) for r in measured]
-        cal = cost_model.calibrate_memory(ms)
+        cal = gpu_fit.calibration_from(measured, ctx)
         fitted = {"activation_scale": cal.activation_scale}
         for r in measured:
             r["calibrated_bytes"] = cost_model.estimate(

@@ -34,12 +34,21 @@ FRAGMENTATION = 1.10
 CLASS_GPU = {"12gb": "rtx3060-12gb", "24gb": "rtx4090-24gb"}
 
 
-def _fit_memory(grid: list[dict[str, Any]]) -> float:
+def fit_activation_scale(grid: list[dict[str, Any]]) -> float:
+    """`activation_scale` fitted to measured rows' peak *allocated* bytes (rows with an `error` or
+    `cpu_offload` are left out): the one fitting procedure of the benches and of `fit`."""
     base = replace(cm.Calibration(), fragmentation=1.0, reserve_bytes=0)
     rows = [cm.MemoryMeasurement(r["width"], r["height"], r["frames"], "float16", r["peak_allocated_bytes"],
                                  decode_chunk_size=r["decode_chunk_size"])
             for r in grid if "error" not in r and not r.get("cpu_offload")]
     return cm.calibrate_memory(rows, base).activation_scale
+
+
+def calibration_from(grid: list[dict[str, Any]], context_bytes: int) -> cm.Calibration:
+    """The memory calibration these measured rows give: `fit_activation_scale`, the measured
+    context as `reserve_bytes`, `FRAGMENTATION` (what `pipeline/gpu_calibration.json` holds)."""
+    return replace(cm.Calibration(), activation_scale=fit_activation_scale(grid), fragmentation=FRAGMENTATION,
+                   reserve_bytes=int(context_bytes))
 
 
 def _fit_seconds(stock_rows: list[dict[str, Any]], peak_tflops: float) -> dict[str, float]:
@@ -62,7 +71,7 @@ def _fit_seconds(stock_rows: list[dict[str, Any]], peak_tflops: float) -> dict[s
 def fit(memory: dict[str, Any], speed: dict[str, Any]) -> dict[str, Any]:
     """The calibration file's contents from the suite's memory and speed JSON."""
     expandable = memory["expandable_segments"]
-    cal = {"activation_scale": round(_fit_memory(expandable["grid"]), 4), "fragmentation": FRAGMENTATION,
+    cal = {"activation_scale": round(fit_activation_scale(expandable["grid"]), 4), "fragmentation": FRAGMENTATION,
            "reserve_bytes": int(memory["context_bytes"]),
            **_fit_seconds(speed["stock_vs_ours_fp16"], speed["peak_tflops"])}
     calibration = replace(cm.Calibration(), **cal)
