@@ -39,6 +39,7 @@ from .jobs import (
     ProgressEvent,
     RenderRequest,
     StartedEvent,
+    is_finished,
     parse_worker_event,
 )
 from .scheduler import Backlogged, Fail, NoClassFits, QueuedJob, Retry, Scheduler, estimate_request
@@ -251,7 +252,7 @@ class JobManager:
         rec = self.store.get(job_id)
         if rec is None:
             return _error_reply(FarmError(f"no job {job_id}", code="not_found", http_status=404))
-        if JobStatus(rec["status"]).finished:
+        if is_finished(rec["status"]):
             return _error_reply(FarmError(
                 f"job {job_id} already {rec['status']}; only queued or running jobs can be canceled",
                 code="not_cancelable", http_status=409))

@@ -160,28 +160,30 @@ def _kv():
     return internal_kv
 
 
-def publish_report(report: dict[str, Any]) -> None:
-    """Store this replica's report (key: its actor name) and drop those of replicas that are gone."""
+def _stored_reports() -> list[tuple[bytes, bool]]:
+    """(key, alive) of every stored report: alive = its replica's actor still exists."""
     import ray
 
+    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    return [(key, key.decode() in alive) for key in _kv()._internal_kv_list("", namespace=REPORTS_NAMESPACE)]
+
+
+def publish_report(report: dict[str, Any]) -> None:
+    """Store this replica's report (key: its actor name) and drop those of replicas that are gone."""
     kv = _kv()
     kv._internal_kv_put(report["replica"], json.dumps(report), overwrite=True, namespace=REPORTS_NAMESPACE)
-    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    for key in kv._internal_kv_list("", namespace=REPORTS_NAMESPACE):
-        if key.decode() not in alive:
+    for key, alive in _stored_reports():
+        if not alive:
             kv._internal_kv_del(key, namespace=REPORTS_NAMESPACE)
 
 
 def worker_reports(app: str | None = None) -> dict[str, list[dict[str, Any]]]:
     """The reports of live worker replicas (of Serve application `app`, if given), per deployment
     name, sorted by replica. Read-only: stale entries are skipped (new replicas drop them)."""
-    import ray
-
     kv = _kv()
-    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     out: dict[str, list[dict[str, Any]]] = {}
-    for key in kv._internal_kv_list("", namespace=REPORTS_NAMESPACE):
-        if key.decode() not in alive:
+    for key, alive in _stored_reports():
+        if not alive:
             continue
         raw = kv._internal_kv_get(key, namespace=REPORTS_NAMESPACE)
         try:
