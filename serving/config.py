@@ -135,6 +135,44 @@ class FarmSettings(BaseModel):
         "environment wins.",
     )
 
+    # --- fair sharing (issue 16) -------------------------------------------------------------
+    fair_share: bool = Field(
+        True, description="Within a priority, callers share each class's GPUs by deficit round robin over "
+        "estimated GPU-seconds (the token's name is the caller); off: first come, first served.",
+    )
+    share_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Fair-share weight per caller name (default 1); `I2V_SHARE_WEIGHTS` as JSON, "
+        'e.g. {"render-team": 2}.',
+    )
+    progress_interval_s: float = Field(
+        0.25, ge=0, le=60, description="Least time between two progress events a worker sends for one job "
+        "(the first and last steps always go); 0 sends every step.",
+    )
+    # --- live previews, adapters, webhooks, reuse (issue 18) ---------------------------------
+    preview_interval_s: float = Field(
+        1.0, ge=0, le=60, description="Seconds between live previews of a denoising job (0: no previews).",
+    )
+    preview_max_side: int = Field(
+        160, ge=16, le=1024, description="Longest side in pixels of a live preview frame.",
+    )
+    adapters_url: str = Field(
+        "", description="LoRA adapter registry: a directory or `s3://BUCKET/PREFIX` "
+        "(default: `adapters/` beside the job store).",
+    )
+    adapter_cache_bytes: int = Field(
+        2 * 2**30, ge=0, description="Memory a worker may keep for recently used LoRA adapters (LRU).",
+    )
+    adapter_affinity_wait_s: float = Field(
+        10.0, ge=0, le=3600, description="Longest a job waits for a worker that already holds its adapters "
+        "while a worker of its class without them is free.",
+    )
+    webhook_retry_s: float = Field(
+        3600.0, ge=0, le=7 * 24 * 3600, description="How long a failing webhook delivery is retried "
+        "(with backoff) before it is given up.",
+    )
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Timeout of one webhook POST.")
+
     @field_validator("file_mode")
     @classmethod
     def _file_mode(cls, value: str) -> str:
@@ -244,7 +282,7 @@ LIST_FIELDS = ("trusted_proxies", "egress_allow")
 def _env_value(name: str, value: str) -> Any:
     field = FarmSettings.model_fields[name]
     as_text = ("model", "host", "storage_url", "job_db", "dtype", "auth", "tokens_file", "attention",
-               "ray_auth", "ray_token_file", "file_mode")
+               "ray_auth", "ray_token_file", "file_mode", "adapters_url")
     if field.annotation in (str,) or name in as_text \
             or name.startswith("s3_") and name != "s3_secure" or name == "spool_dir":
         return value
