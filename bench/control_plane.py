@@ -1,7 +1,8 @@
 """Control-plane scale: 1,000 `sim` jobs through the farm's HTTP API, scheduler and job manager.
 
     .venv/bin/python -m bench.control_plane [--jobs 1000] [--clients 4] [--steps 30] [--time-scale 0.001]
-                                            [--cluster 12gb:2,24gb:1] [--no-profile] [--json FILE]
+                                            [--cluster 12gb:2,24gb:1] [--progress-interval S]
+                                            [--no-profile] [--json FILE]
 
 What it does, in one run:
 
@@ -18,7 +19,10 @@ What it does, in one run:
    tenth), the last/first ratio (it must not grow with the backlog), the cost of reading a job
    (`GET /v1/jobs/{id}`) and a page of 500 (`GET /v1/jobs?limit=500`) with the backlog full and
    after it drained, and the throughput the manager sustains: jobs started per second (first
-   start -> last start) and finished per second, with the steady state (middle 80 %) apart;
+   start -> last start) and finished per second, with the steady state (middle 80 %) apart, and
+   where the CPU went: seconds and milliseconds per job of each part of the farm (the manager, the
+   ingress, the workers and their ffmpeg encodes, Serve's proxy and controller, Ray's GCS and
+   raylets), read from /proc for the processes under this one (Linux);
 4. **manager alone** (no Ray, no HTTP; skip with `--no-profile`): the same submissions straight
    into a `serving.manager.JobManager` whose dispatch loop is stopped (so the backlog only
    grows), timed per hundred and profiled with cProfile: where a submission's time goes and
@@ -41,6 +45,7 @@ import json
 import logging
 import os
 import pstats
+import re
 import sys
 import tempfile
 import threading
@@ -140,16 +145,108 @@ def job_body(index: int, image_b64: str, steps: int) -> dict[str, Any]:
             "num_frames": 8, "num_inference_steps": steps, "seed": index}
 
 
+# ------------------------------------------------------------------------------- CPU per process
+
+
+ENCODES = "ffmpeg (the workers' encodes)"
+_REPLICA = re.compile(r"ServeReplica:[^:\s]+:([A-Za-z0-9_]+)")
+
+
+def process_group(cmdline: str) -> str:
+    """The part of the farm a process is, from its command line (Ray names a worker process
+    `ray::ServeReplica:APP:DEPLOYMENT...`): a deployment (`JobManager`, `FarmApi`, `Worker_12gb`),
+    `Serve proxy`, `Serve controller`, `Ray core` (GCS, raylets), `ffmpeg` or `Ray other` (dashboard,
+    agents, idle workers)."""
+    m = _REPLICA.search(cmdline)
+    if m:
+        name = m.group(1)
+        return "Worker (all)" if name.startswith("Worker_") else name
+    if "ProxyActor" in cmdline:
+        return "Serve proxy"
+    if "ServeController" in cmdline:
+        return "Serve controller"
+    if "gcs_server" in cmdline or "/raylet" in cmdline:
+        return "Ray core (GCS, raylets)"
+    if "ffmpeg" in cmdline.split(" ", 1)[0]:
+        return ENCODES
+    return "Ray other"
+
+
+def _proc_table() -> dict[int, tuple[int, str, float, float]]:
+    """pid -> (parent pid, command line, CPU seconds so far, CPU seconds of its children that
+    ended and were waited for) of every process (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        out[int(entry.name)] = (int(fields[1]), cmd, (int(fields[11]) + int(fields[12])) / tick,
+                                (int(fields[13]) + int(fields[14])) / tick)
+    return out
+
+
+def cpu_by_group(root: int | None = None) -> dict[str, float] | None:
+    """CPU seconds used so far by each part of the farm (`process_group`): the processes under
+    `root` (default: this process, which started the simulated cluster, so another Ray cluster on
+    the machine is not counted); this process itself is `bench (clients)`. None off Linux."""
+    if not Path("/proc/self/stat").exists():
+        return None
+    root = os.getpid() if root is None else root
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, *_) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    out: dict[str, float] = {}
+    stack = list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        _, cmd, cpu, ended = table[pid]
+        group = process_group(cmd)
+        out[group] = out.get(group, 0.0) + cpu
+        if group == "Worker (all)":  # a worker's ended children: its ffmpeg encodes
+            out[ENCODES] = out.get(ENCODES, 0.0) + ended
+    if root in table:
+        out["bench (clients)"] = table[root][2]
+    return out
+
+
+def cpu_delta(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
+    """CPU seconds per group between two `cpu_by_group` readings (processes that ended between
+    them are missed; a farm's processes live through the run)."""
+    if not before or not after:
+        return {}
+    return {g: max(0.0, after[g] - before.get(g, 0.0)) for g in after}
+
+
+def cpu_rows(cpu: dict[str, float], jobs: int, wall_s: float) -> list[list[str]]:
+    """Table rows: group, CPU seconds, ms of CPU per job, cores used on average; largest first."""
+    rows = [[g, f"{s:.1f}", f"{1000 * s / jobs:.1f}", f"{s / wall_s:.2f}"]
+            for g, s in sorted(cpu.items(), key=lambda kv: -kv[1])]
+    total = sum(cpu.values())
+    rows.append(["all", f"{total:.1f}", f"{1000 * total / jobs:.1f}", f"{total / wall_s:.2f}"])
+    return rows
+
+
 # ------------------------------------------------------------------------------- the farm run
 
 
 @contextlib.contextmanager
-def farm(counts: dict[str, int], workdir: Path, jobs: int, time_scale: float) -> Iterator[str]:
+def farm(counts: dict[str, int], workdir: Path, jobs: int, time_scale: float,
+         progress_interval: float | None = None) -> Iterator[str]:
     """Cluster + Serve + the sim farm (serving.harness); yields its URL."""
     from serving.harness import simulated_farm
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     overrides = {"model": "sim", "sim_time_scale": time_scale, "backlog_limit": max(2000, 2 * jobs)}
+    if progress_interval is not None:
+        overrides["progress_interval_s"] = progress_interval
     with simulated_farm(counts, workdir, overrides, namespace="i2v-bench-control") as (_, url):
         yield url
 
@@ -239,10 +336,11 @@ def run_farm(args: argparse.Namespace, image_b64: str) -> dict[str, Any]:
     import requests
 
     with tempfile.TemporaryDirectory(prefix="i2v-bench-control-") as tmp, \
-            farm(args.cluster, Path(tmp), args.jobs, args.time_scale) as url:
+            farm(args.cluster, Path(tmp), args.jobs, args.time_scale, args.progress_interval) as url:
         session = requests.Session()
         print(f"  farm ready at {url}; submitting {args.jobs} jobs from {args.clients} clients",
               file=sys.stderr, flush=True)
+        cpu0 = cpu_by_group()
         t0 = time.time()
         subs = submit_all(url, args.jobs, args.clients, args.steps, image_b64)
         submit_window = time.time() - t0
@@ -261,11 +359,12 @@ def run_farm(args: argparse.Namespace, image_b64: str) -> dict[str, Any]:
                 raise RuntimeError(f"{args.jobs - done} jobs unfinished after {args.timeout:.0f} s: {counts}")
             time.sleep(0.5)
         drained = time.time() - t0
+        cpu = cpu_delta(cpu0, cpu_by_group())
         reads_empty = time_reads(session, url, queued)
         reads_empty["queue_depth"] = 0
         jobs = list_all(session, url)
     return {"submissions": [s.__dict__ for s in subs], "submit_window_s": submit_window, "drained_s": drained,
-            "reads_full": reads_full, "reads_empty": reads_empty,
+            "reads_full": reads_full, "reads_empty": reads_empty, "cpu_s": cpu,
             "jobs": [{k: j.get(k) for k in ("id", "status", "vram_class", "created_at", "started_at", "finished_at")}
                      for j in jobs]}
 
@@ -303,16 +402,31 @@ def report_farm(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
     gpus = sum(args.cluster.values())
     dispatch, steady = rate(starts), rate(starts, 0.1)
     finish, finish_steady = rate(finishes), rate(finishes, 0.1)
-    print(table(["throughput", "all", "middle 80 %", "per worker (middle 80 %)"], [
-        ["jobs started/s", f"{dispatch:.2f}", f"{steady:.2f}", f"{steady / gpus:.2f}"],
-        ["jobs finished/s", f"{finish:.2f}", f"{finish_steady:.2f}", f"{finish_steady / gpus:.2f}"],
+    # after the last submission was answered the ingress is idle: what the manager and workers do alone
+    submitted = max((s["started"] + s["latency"] for s in subs), default=0.0)
+    drain_starts = [t for t in starts if t > submitted]
+    drain_finishes = [t for t in finishes if t > submitted]
+    drain, drain_finish = rate(drain_starts), rate(drain_finishes)
+    print(table(["throughput", "all", "middle 80 %", "per worker (middle 80 %)", "after the submissions"], [
+        ["jobs started/s", f"{dispatch:.2f}", f"{steady:.2f}", f"{steady / gpus:.2f}",
+         f"{drain:.2f} ({len(drain_starts)} jobs)"],
+        ["jobs finished/s", f"{finish:.2f}", f"{finish_steady:.2f}", f"{finish_steady / gpus:.2f}",
+         f"{drain_finish:.2f} ({len(drain_finishes)} jobs)"],
     ]))
     print(f"{len(ok)}/{len(jobs)} succeeded; {gpus} workers; last job finished {res['drained_s']:.1f} s after the "
           f"first submission; per job the sim model sleeps {args.time_scale:g} x the cost model's seconds "
-          f"and reports {args.steps} progress steps")
+          f"and makes {args.steps} denoising steps")
+    if res.get("cpu_s"):
+        print()
+        print(f"where the CPU went, first submission -> last job finished ({res['drained_s']:.0f} s, "
+              f"{os.cpu_count()} cores):")
+        print(table(["process", "CPU s", "CPU ms per job", "cores"], cpu_rows(res["cpu_s"], len(jobs),
+                                                                            res["drained_s"])))
     return {"first": first.__dict__, "last": last.__dict__, "flat": flat, "p50_ratio": last.p50 / first.p50,
             "p99_ratio": last.p99 / first.p99, "started_per_s": dispatch, "started_per_s_steady": steady,
-            "finished_per_s": finish, "finished_per_s_steady": finish_steady, "succeeded": len(ok)}
+            "finished_per_s": finish, "finished_per_s_steady": finish_steady, "succeeded": len(ok),
+            "drain_started_per_s": drain, "drain_finished_per_s": drain_finish,
+            "cpu_ms_per_job": {g: 1000 * v / max(1, len(jobs)) for g, v in (res.get("cpu_s") or {}).items()}}
 
 
 # ------------------------------------------------------------------------------- the manager alone
@@ -393,6 +507,12 @@ def run_manager_alone(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
     start = next((i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls")), 0)
     for ln in lines[start:]:
         print("  " + ln.replace(str(Path.cwd()) + "/", "").replace(sys.prefix + "/", ""))
+    buf = io.StringIO()  # the manager's own steps, whole (the input file is written in a thread: not here)
+    pstats.Stats(profile, stream=buf).sort_stats("cumulative").print_stats(r"manager\.py.*\((_?submit|_view)\)")
+    print("the manager's submission steps (cumulative, this thread):")
+    for ln in buf.getvalue().splitlines():
+        if "manager.py" in ln:
+            print("  " + ln.replace(str(Path.cwd()) + "/", "").replace(sys.prefix + "/", ""))
     return {"first": first.__dict__, "last": last.__dict__, "flat": flat, "latencies": latencies, "reads": reads}
 
 
@@ -407,6 +527,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="denoising steps per job = progress events (default 30)")
     p.add_argument("--time-scale", type=float, default=0.001,
                    help="sim seconds per cost-model second (default 0.001: a job sleeps ~milliseconds)")
+    p.add_argument("--progress-interval", type=float, default=None, metavar="S",
+                   help="the farm's progress_interval_s (default: the setting's default; 0: an event per step)")
     p.add_argument("--cluster", type=parse_cluster, default=parse_cluster(DEFAULT_CLUSTER),
                    help=f"simulated GPU nodes per class (default {DEFAULT_CLUSTER})")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the queue to drain")

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.generation [--size 256x256] [--frames 8] [--steps 10] [--repeat 3]
                                          [--reference-steps 50] [--solver-steps 10,20,25]
-                                         [--parts stock,levers,solvers] [--levers NAME,...] [--compile]
+                                         [--parts stock,levers,solvers,preview] [--levers NAME,...] [--compile]
                                          [--threads N] [--json FILE]
 
 Everything runs on the `tiny-random` model, loaded through the farm's own loading path
@@ -34,6 +34,10 @@ process, and prints three tables (the GPU version, on the full-size architecture
    its `leading` timestep spacing; the `trailing` rows (an experiment, not a farm option) start
    at t=999 as the zero-SNR paper recommends. `attention cache` rows are the 50-step DDIM run
    with Pyramid Attention Broadcast (`MemoryOptions.attention_cache`).
+4. **live previews**: the same job without previews, at `--preview-interval` (1 s, the farm's
+   default) and after every step, round-robin: seconds per step and their ratio, previews per
+   job, milliseconds per preview and its share of the denoise time (`pipeline.preview`); and one
+   preview of 512p x 16 latents alone.
 
 On a CPU shared with other work, `--threads 1` gives far steadier numbers: two OpenMP threads on
 two oversubscribed cores stall whenever one of them is descheduled (docs/benchmarks.md).
@@ -464,6 +468,83 @@ def run_solvers(image, size, frames, reference_steps, solver_steps) -> list[dict
     return rows
 
 
+# ------------------------------------------------------------------------------- live previews
+
+
+#: The variants of the preview part: previews off, at the farm's default interval, after every step.
+EVERY_STEP = 1e-9
+
+
+def preview_variants(interval_s: float) -> list[tuple[str, float | None]]:
+    return [("off", None), (f"every {interval_s:g} s", interval_s), ("every step", EVERY_STEP)]
+
+
+def summarize_preview(rows: dict[str, list[dict[str, float]]], steps: int) -> list[dict[str, Any]]:
+    """Per variant (the first is "off"): median seconds per denoising step, its ratio to "off",
+    previews per job, seconds per preview and their share of the denoise time (measured inside the
+    loop: steadier than the ratio on a shared machine), and the preview's size."""
+    base = median([r["denoise_s"] / steps for r in rows["off"]])
+    out = []
+    for name, runs in rows.items():
+        step = median([r["denoise_s"] / steps for r in runs])
+        count = sum(r["previews"] for r in runs)
+        made = sum(r["preview_s"] for r in runs)
+        out.append({
+            "variant": name, "step_s": step, "step_s_runs": [r["denoise_s"] / steps for r in runs],
+            "ratio": step / base if base else float("nan"),
+            "previews_per_job": count / len(runs), "s_per_preview": made / count if count else 0.0,
+            "preview_share": made / sum(r["denoise_s"] for r in runs),
+            "bytes_per_preview": sum(r["bytes"] for r in runs) / count if count else 0,
+        })
+    return out
+
+
+def measure_preview(gen, image, params, size, repeat: int, interval_s: float = 1.0, max_side: int = 160,
+                    sync: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+    """The same job on one generator with previews off, every `interval_s` and after every step,
+    round-robin `repeat` times (after a warm-up); `summarize_preview` of the runs."""
+    steps = params.num_inference_steps
+    gen.generate(image, params.model_copy(update={"num_inference_steps": 1}), size=size)  # warm-up
+    variants = preview_variants(interval_s)
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name, _ in variants}
+    for r in range(repeat):
+        for name, interval in (variants if r % 2 == 0 else variants[::-1]):
+            got: list[tuple] = []
+            kwargs = {} if interval is None else {"preview": lambda *a, got=got: got.append(a),
+                                                  "preview_interval_s": interval, "preview_max_side": max_side}
+            sync()
+            result = gen.generate(image, params, size=size, **kwargs)
+            sync()
+            rows[name].append({"denoise_s": result.timings["denoise"], "previews": len(got),
+                               "preview_s": sum(g[3] for g in got), "bytes": sum(len(g[2]) for g in got)})
+    return summarize_preview(rows, steps)
+
+
+def preview_alone(latent_shape: tuple[int, ...], max_side: int = 160, repeat: int = 20, device: str = "cpu") -> float:
+    """Median seconds of one preview (latent -> RGB strip -> JPEG) of random latents of this shape."""
+    import torch
+
+    from pipeline.preview import preview_strip
+
+    x0 = torch.randn(*latent_shape, device=device)
+    preview_strip(x0, max_side)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        preview_strip(x0, max_side)
+        times.append(time.perf_counter() - t)
+    return median(times)
+
+
+def print_preview(rows: list[dict[str, Any]]) -> None:
+    print(table(["previews", "median s/step", "x off", "previews/job", "ms/preview", "share of denoise", "kB"],
+                [[r["variant"], f"{r['step_s']:.4f}", f"{r['ratio']:.3f}", f"{r['previews_per_job']:.1f}",
+                  f"{r['s_per_preview'] * 1000:.1f}", f"{r['preview_share']:.2%}",
+                  f"{r['bytes_per_preview'] / 1024:.1f}"] for r in rows]))
+    print("x off: seconds per step over the no-preview run's (1.000 = free); share of denoise: the time spent "
+          "making previews inside the loop over the denoise time (the steadier measure on a shared machine)")
+
+
 def print_solvers(rows: list[dict[str, Any]]) -> None:
     ref = rows[0]["seconds"]
     out = [[r["variant"], f"{r['seconds']:.2f}", f"{ref / r['seconds']:.2f}", fmt_db(r["psnr_mean"]),
@@ -487,7 +568,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--solver-steps", type=parse_ints, default=[10, 20, 25],
                    help="steps of the faster solvers in part 3 (default 10,20,25)")
     p.add_argument("--levers", default="", help="comma-separated subset of part 2's rows (default: all)")
-    p.add_argument("--parts", default="stock,levers,solvers", help="which parts to run (default: all three)")
+    p.add_argument("--parts", default="stock,levers,solvers,preview",
+                   help="which parts to run: stock, levers, solvers, preview (default: all)")
+    p.add_argument("--preview-interval", type=float, default=1.0,
+                   help="seconds between live previews in the preview part (default 1.0, the farm's)")
+    p.add_argument("--preview-max-side", type=int, default=160, help="preview frame size (default 160)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes on a small CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement to this file")
@@ -495,8 +580,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.frames < 2 or args.steps < 1 or args.repeat < 1:
         p.error("--frames must be >= 2, --steps and --repeat >= 1")
     parts = {s.strip() for s in args.parts.split(",") if s.strip()}
-    if not parts or parts - {"stock", "levers", "solvers"}:
-        p.error("--parts: choose from stock, levers, solvers")
+    if not parts or parts - {"stock", "levers", "solvers", "preview"}:
+        p.error("--parts: choose from stock, levers, solvers, preview")
     args.parts = parts
     return args
 
@@ -561,6 +646,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows = run_solvers(image, args.size, args.frames, args.reference_steps, args.solver_steps)
         print_solvers(rows)
         out["solvers"] = rows
+        print(flush=True)
+
+    if "preview" in args.parts:
+        from pipeline.generator import Generator
+
+        print(f"4. live previews: the same {args.steps}-step job without and with previews (round-robin)")
+        rows = measure_preview(Generator(fresh_model()), image, job_params(args.frames, args.steps), args.size,
+                               args.repeat, args.preview_interval, args.preview_max_side)
+        print_preview(rows)
+        alone = preview_alone((16, 4, 64, 64), args.preview_max_side)
+        print(f"one preview of 512p x 16 frames (latents 16x4x64x64) on this CPU: {alone * 1000:.1f} ms")
+        out["preview"] = {"rows": rows, "alone_512p_16_s": alone}
         print(flush=True)
 
     info_end = machine()

@@ -55,7 +55,7 @@ import numpy as np
 GiB = 2**30
 PARTS = ("stock", "levers", "solvers", "memory")
 LEVERS = ("classic_attention", "cfg_split", "xformers", "channels_last", "fuse_qkv", "compile",
-          "decode_chunk", "attention_cache", "exact_together", "all_together")
+          "group_norm_split", "decode_chunk", "attention_cache", "exact_together", "all_together")
 DTYPES = ("float16", "bfloat16", "float32")
 #: fast / standard / high at their resolutions (square images), fp16, decode_chunk_size 1.
 PRESET_SHAPES = (("fast", 512, 512, 8), ("standard", 512, 512, 16), ("high", 768, 768, 24))
@@ -291,6 +291,7 @@ def _lever_options(name: str, frames: int) -> tuple[dict[str, Any], str | None]:
         "channels_last": ({"channels_last": True}, None),
         "fuse_qkv": ({"fuse_qkv": True}, None),
         "compile": ({"compile": True}, None),
+        "group_norm_split": ({"group_norm": "split"}, None),
         "decode_chunk": ({"decode_chunk_size": frames}, None),
         "attention_cache": ({"attention_cache": 2}, None),
         "exact_together": (exact, None),

@@ -17,7 +17,11 @@ skipped and says so):
 * speed: ours vs stock `I2VGenXLPipeline` (same weights, seed, dtype) at 512x512x16@50 and
   1024x1024x16@10, UNet TFLOP/s and MFU (`bench.generation_gpu.part_stock`);
 * levers, solvers, bf16, compile: `bench.generation_gpu`'s parts at 512x512x16;
-* farm: class detection from `nvidia-smi` and the class table against the measured memory.
+* farm: class detection from `nvidia-smi` and the class table against the measured memory;
+* preview: live previews at 512p x 16 (20 steps): seconds per step without previews, every 1 s
+  and after every step, and one preview alone (`bench.generation.measure_preview`);
+* lora: LoRA adapters (ranks 8/32/64 on the attention projections) on the full-size UNet: first
+  load (a miss), switch to a loaded one (a hit), step time with vs without (`part_lora`).
 
 Also measures the GPU's two ceilings (bf16 matrix product, device-to-device copy) first.
 """
@@ -39,10 +43,11 @@ from typing import Any
 import bench.generation_gpu as gg
 
 GiB = 2**30
-PARTS = ("memory", "speed", "levers", "solvers", "bf16", "compile", "farm", "fits", "profile", "offload")
+PARTS = ("memory", "speed", "levers", "solvers", "bf16", "compile", "farm", "fits", "profile", "offload", "preview",
+         "lora")
 #: rough seconds each part needs on an H100/H200 (skip it when less is left).
 PART_SECONDS = {"memory": 90, "speed": 60, "levers": 150, "solvers": 70, "bf16": 50, "compile": 150, "farm": 5,
-                "fits": 60, "profile": 20, "offload": 30}
+                "fits": 60, "profile": 20, "offload": 30, "preview": 60, "lora": 60}
 RESOLUTIONS = (512, 768, 1024)
 FRAMES = (8, 16, 24, 32)
 
@@ -282,6 +287,87 @@ def part_profile() -> dict[str, Any]:
     return out
 
 
+def part_preview(p: Plan) -> dict[str, Any]:
+    """Live previews on the full-size model at 512p x 16 (the issue's target: under 2% of the step
+    time): the same 20-step job without previews, every 1 s (the farm's default) and after every
+    step, round-robin twice (`bench.generation.measure_preview`); and one preview alone."""
+    from bench.generation import measure_preview, preview_alone, print_preview
+    from pipeline.generator import Generator
+
+    px, f, steps = (512, 16, 20) if gg._cuda() else (64, 8, 2)
+    model = gg._build(p.dtype)
+    gen = Generator(model)
+    shape = gg.Shape(px, px, f, steps)
+    rows = measure_preview(gen, gg._image(px, px), gg._params(shape), (px, px), repeat=2 if gg._cuda() else 1,
+                           sync=gg._sync)
+    print_preview(rows)
+    alone = preview_alone((f, 4, px // 8, px // 8), device=gg.DEVICE)
+    gg._free(gen, model)
+    out = {"shape": f"{px}x{px}x{f}@{steps}", "rows": rows, "alone_s": alone}
+    print(json.dumps({"part": "preview", "alone_ms": round(alone * 1000, 2),
+                      **{r["variant"]: {"x_off": round(r["ratio"], 4), "share": round(r["preview_share"], 4)}
+                         for r in rows}}), flush=True)
+    return out
+
+
+def part_lora(p: Plan) -> dict[str, Any]:
+    """LoRA adapters on the full-size UNet (`pipeline.adapters`, PEFT): per rank, the first load of
+    an adapter (parse, check against the UNet, inject, copy in: a cache miss), the switch to an
+    adapter already loaded (a hit: activate + deactivate), and seconds per denoising step with the
+    adapter active vs the base (LoRA stays unmerged); and whether the base is restored exactly."""
+    import torch
+
+    from pipeline.adapters import AdapterCache, lora_bytes, random_lora
+    from pipeline.generator import Generator
+
+    px, f, steps = (512, 16, 4) if gg._cuda() else (64, 8, 2)
+    model = gg._build(p.dtype)
+    gen = Generator(model)
+    unet = gen.pipe.unet
+    targets = ("to_q", "to_k", "to_v", "to_out.0")
+    files = {f"r{r}": lora_bytes(random_lora(unet, rank=r, seed=r, targets=targets)) for r in (8, 32, 64)}
+    cache = AdapterCache(unet, lambda name, _sha: files[name], 64 * GiB)
+    shape = gg.Shape(px, px, f, steps)
+    image, params = gg._image(px, px), gg._params(shape)
+
+    def step_s() -> tuple[float, Any]:
+        gg._sync()
+        t = time.perf_counter()
+        frames = gen.generate(image, params, size=(px, px)).frames
+        gg._sync()
+        return (time.perf_counter() - t) / steps, frames
+
+    gen.generate(image, params.model_copy(update={"num_inference_steps": 1}), size=(px, px))  # warm up
+    base_s, base_frames = step_s()
+    rows = []
+    for name, data in files.items():
+        spec = [{"name": name, "scale": 1.0}]
+        gg._sync()
+        t = time.perf_counter()
+        with cache.applied(spec) as stats:
+            gg._sync()
+            load_s = time.perf_counter() - t
+            lora_step_s, lora_frames = step_s()
+        t = time.perf_counter()
+        for _ in range(5):
+            with cache.applied(spec):
+                pass
+        gg._sync()
+        switch_s = (time.perf_counter() - t) / 5
+        rows.append({"adapter": name, "bytes": len(data), "miss_load_s": load_s, "misses": stats.misses,
+                     "hit_switch_s": switch_s, "step_s": lora_step_s, "base_step_s": base_s,
+                     "step_overhead": lora_step_s / base_s - 1, "differs_from_base": bool(
+                         (lora_frames != base_frames).any())})
+        print(json.dumps({"part": "lora", **{k: (round(v, 4) if isinstance(v, float) else v)
+                                             for k, v in rows[-1].items()}}), flush=True)
+    _, after = step_s()
+    restored = bool((after == base_frames).all())
+    gg._free(gen, model, cache)
+    if gg._cuda():
+        torch.cuda.empty_cache()
+    return {"shape": f"{px}x{px}x{f}@{steps}", "rows": rows, "base_restored_exactly": restored}
+
+
 def part_farm(memory_rows) -> dict[str, Any]:
     from cluster.gpus import detect_gpus
     from cluster.join import classify
@@ -374,6 +460,8 @@ def part_steps(p: Plan, results: dict[str, Any]) -> tuple[dict[str, Any], Simple
         "fits": lambda: mem.update(fits=part_fits(p.ctx)),
         "profile": lambda: speed.update(profile=part_profile()),
         "offload": lambda: mem.update(offload=part_memory([], p.ctx)["rows"]),
+        "preview": lambda: speed.update(preview=part_preview(p)),
+        "lora": lambda: speed.update(lora=part_lora(p)),
     }, ns(p.big)
 
 

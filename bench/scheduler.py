@@ -1,7 +1,8 @@
 """Scheduler benchmark: spill-up vs strict class pinning on a simulated 12gb:2, 24gb:1 farm.
 
     .venv/bin/python -m bench.scheduler [--jobs 40] [--seed 0] [--time-scale 0.05] [--arrivals batch|poisson]
-                                        [--rate R] [--policies spill,pinned] [--json FILE] [--no-progress]
+                                        [--rate R] [--policies spill,spill-idle,pinned] [--virtual-only]
+                                        [--json FILE] [--no-progress]
 
 What it does, in one run:
 
@@ -12,12 +13,18 @@ What it does, in one run:
    steps). By the cost model, 768p x 32 and 1024p x 16+ need more than 12 GiB, so they can only
    run on the 24gb GPU; 768p x 12/16 fit the 12gb class. With `--arrivals batch` (default) every
    job is submitted at t=0; `--arrivals poisson` spaces submissions by exponential gaps instead;
-3. runs the trace through the real farm (the `sim` model, HTTP API, job manager, scheduler,
-   workers, file storage) twice, each time on a fresh deployment with a fresh job store and
-   storage directory: `spill` (the farm's default: a job may run on a larger idle class when its
-   own is busy) and `pinned` (`spill=False`: a job only ever runs on its home class);
-4. compares each makespan with a lower bound computed from the cost model (below);
-5. prints one row per policy and a one-line summary.
+3. replays the trace in virtual time through the farm's own `Scheduler` (no Ray: every job takes
+   exactly its predicted time, dispatched as the job manager does; `replay`), one row per policy:
+   the rules alone, without the noise of a shared machine (`--virtual-only` stops here);
+4. runs the trace through the real farm (the `sim` model, HTTP API, job manager, scheduler,
+   workers, file storage) once per policy, each time on a fresh deployment with a fresh job store
+   and storage directory: `spill` (the farm's default, `spill_rule=earliest_finish`: a job runs on
+   the class among its own and the larger ones that would finish it first, counting the work
+   queued and running there), `spill-idle` (`spill_rule=idle`, the rule before issue 16: a job
+   runs on a larger class only when that one is idle and its own has no idle GPU) and `pinned`
+   (`spill=False`: a job only ever runs on its home class);
+5. compares each makespan with a lower bound computed from the cost model (below);
+6. prints one row per policy and a one-line summary.
 
 The `sim` model sleeps for the cost model's predicted seconds *on the GPU of the class it runs
 on* times `sim_time_scale`: the 24gb class (an RTX 4090 in the cost model) runs every job about
@@ -356,14 +363,15 @@ def simulated_farm_cluster() -> Iterator[int]:
             sim.shutdown()
 
 
-def _deploy(port: int, workdir: Path, spill: bool, time_scale: float, backlog: int):
+def _deploy(port: int, workdir: Path, spill: bool, time_scale: float, backlog: int, spill_rule: str):
     import requests
 
     from serving import harness
     from serving.config import load_settings
 
     overrides: dict[str, Any] = {
-        "model": "sim", "spill": spill, "sim_time_scale": time_scale, "backlog_limit": backlog,
+        "model": "sim", "spill": spill, "spill_rule": spill_rule, "sim_time_scale": time_scale,
+        "backlog_limit": backlog,
         "job_db": str(workdir / "jobs.sqlite3"), "storage_url": f"file://{workdir / 'outputs'}",
         "spool_dir": str(workdir / "spool"), "workers": harness.workers_for(CLUSTER),
     }
@@ -388,7 +396,7 @@ def _list_jobs(session, url: str) -> list[dict[str, Any]]:
 
 
 def run_policy(port: int, trace: Sequence[TraceJob], *, policy: str, spill: bool, time_scale: float,
-               timeout: float, progress: bool = True) -> PolicyRun:
+               timeout: float, progress: bool = True, spill_rule: str = "earliest_finish") -> PolicyRun:
     """Deploy a fresh farm (fresh job store and storage), submit the trace over HTTP at its arrival
     times, wait for every job to end, tear the application down; return what was measured."""
     import requests
@@ -399,7 +407,8 @@ def run_policy(port: int, trace: Sequence[TraceJob], *, policy: str, spill: bool
 
     wall0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"i2v-bench-{policy}-") as tmp:
-        url, session = _deploy(port, Path(tmp), spill, time_scale, backlog=max(100, len(trace)))
+        url, session = _deploy(port, Path(tmp), spill, time_scale, backlog=max(100, len(trace)),
+                               spill_rule=spill_rule)
         image = base64.b64encode(png_bytes()).decode()
         submitted: dict[str, float] = {}
         trace_of: dict[str, TraceJob] = {}
@@ -529,6 +538,65 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
+@dataclass(frozen=True)
+class Replay:
+    """One policy replayed in virtual time (`replay`)."""
+
+    policy: str
+    makespan: float
+    spilled: int
+    ran: dict[str, int]
+
+
+def replay(trace: Sequence[TraceJob], time_scale: float, policy: str, overhead: float = 0.0) -> Replay:
+    """The trace through the farm's own `Scheduler` in virtual time, dispatched as the job manager
+    does: at every arrival and every finish, `assign` gets the idle slots per class (and, for the
+    earliest-finish rule, each running job's predicted seconds left). A job runs its predicted
+    seconds on the class it lands on, plus `overhead`."""
+    from serving.scheduler import QueuedJob, Scheduler
+
+    spill, rule = POLICIES[policy]
+    sched = Scheduler(farm_classes(), backlog_limit=None, spill=spill)
+    running: dict[str, list[tuple[float, float]]] = {c: [] for c in CLUSTER}  # (ends at, predicted end)
+    pending = sorted(trace, key=lambda j: (j.arrival, j.index))
+    now, at, ends, spilled = 0.0, 0, [], 0
+    ran = {c: 0 for c in CLUSTER}
+    while at < len(pending) or any(running.values()):
+        while at < len(pending) and pending[at].arrival <= now:
+            job = pending[at]
+            sched.admit(QueuedJob(str(job.index), job.vram_bytes,
+                                  {c: s * time_scale for c, s in job.seconds.items()},
+                                  seq=job.index, home=job.home))
+            at += 1
+        free = {c: CLUSTER[c] - len(running[c]) for c in CLUSTER}
+        busy = {c: [max(0.0, p - now) for _, p in running[c]] for c in CLUSTER}
+        for job, on in sched.assign(free, busy=busy if rule == "earliest_finish" else None):
+            secs = job.seconds[on]
+            running[on].append((now + secs + overhead, now + secs))
+            ran[on] += 1
+            spilled += on != job.home
+        upcoming = [e for r in running.values() for e, _ in r]
+        if at < len(pending):
+            upcoming.append(pending[at].arrival)
+        now = min(upcoming)
+        for c in CLUSTER:
+            ends += [e for e, _ in running[c] if e <= now]
+            running[c] = [r for r in running[c] if r[0] > now]
+    return Replay(policy, max(ends, default=0.0), spilled, ran)
+
+
+def print_replay(trace: Sequence[TraceJob], time_scale: float, policies: Sequence[str], bound: Bound) -> None:
+    """The virtual-time table: each policy's makespan over the same lower bound."""
+    rows = []
+    for name in policies:
+        r = replay(trace, time_scale, name)
+        rows.append([name, f"{r.makespan:.2f}", f"{r.makespan / bound.value:.3f}", str(r.spilled),
+                     *(str(r.ran[c]) for c in CLUSTER)])
+    print("virtual time (the farm's Scheduler, every job exactly its predicted time, no overhead):")
+    print(_table(["policy", "makespan s", "/LB", "spilled", *(f"jobs on {c}" for c in CLUSTER)], rows))
+    print()
+
+
 def print_header(args: argparse.Namespace, trace: Sequence[TraceJob], bound: Bound) -> None:
     import ray
 
@@ -595,9 +663,11 @@ def print_report(metrics: Sequence[Metrics], bound: Bound, with_overhead: Bound,
     if pinned:
         print(f"pinned makespan / LB with strict pinning ({bound.pinned:.2f} s) = {pinned.makespan / bound.pinned:.3f}")
     print()
+    idle = next((m for m in metrics if m.policy == "spill-idle"), None)
     if spill and pinned:
-        print(f"summary: spill makespan/LB = {spill.makespan / bound.value:.3f}, "
-              f"spill makespan vs strict pinning = {spill.makespan / pinned.makespan:.3f} "
+        print(f"summary: spill makespan/LB = {spill.makespan / bound.value:.3f}"
+              + (f" (spill-idle, the rule before: {idle.makespan / bound.value:.3f})" if idle else "")
+              + f", spill makespan vs strict pinning = {spill.makespan / pinned.makespan:.3f} "
               f"(pinned makespan/LB = {pinned.makespan / bound.value:.3f}); total {total_wall:.0f} s")
     else:
         print(f"summary: total {total_wall:.0f} s")
@@ -622,14 +692,18 @@ def write_json(path: Path, args: argparse.Namespace, bound: Bound, runs: Sequenc
                 "predicted_sleep": job.seconds[on] * args.time_scale,
             })
         jobs.sort(key=lambda j: j["index"])
-        out["runs"].append({"policy": run.policy, "spill": run.spill, "metrics": dataclasses.asdict(m), "jobs": jobs})
+        out["runs"].append({"policy": run.policy, "spill": run.spill, "spill_rule": POLICIES[run.policy][1],
+                            "metrics": dataclasses.asdict(m), "jobs": jobs})
     path.write_text(json.dumps(out, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------------------- main
 
 
-POLICIES = (("spill", True), ("pinned", False))
+#: name -> (spill, spill_rule)
+POLICIES: dict[str, tuple[bool, str]] = {
+    "spill": (True, "earliest_finish"), "spill-idle": (True, "idle"), "pinned": (False, "idle"),
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -643,8 +717,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="batch: every job at t=0 (default); poisson: exponential gaps")
     p.add_argument("--rate", type=float, default=None,
                    help="poisson arrivals per second (default: ~90%% of the farm's capacity)")
-    p.add_argument("--policies", default=",".join(name for name, _ in POLICIES),
-                   help="comma-separated subset of: spill, pinned")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help=f"comma-separated subset of: {', '.join(POLICIES)}")
+    p.add_argument("--virtual-only", action="store_true",
+                   help="only the virtual-time replay through the scheduler (no Ray, a second)")
     p.add_argument("--json", type=Path, default=None, help="also write every job's timings to this file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -654,20 +730,24 @@ def main(argv: Sequence[str] | None = None) -> list[Metrics]:
     args = parse_args(argv)
     wall0 = time.monotonic()
     wanted = [s.strip() for s in args.policies.split(",") if s.strip()]
-    policies = [(name, spill) for name, spill in POLICIES if name in wanted]
+    policies = [name for name in POLICIES if name in wanted]
     if not policies or len(policies) != len(wanted):
-        raise SystemExit(f"--policies: choose from {', '.join(n for n, _ in POLICIES)}")
+        raise SystemExit(f"--policies: choose from {', '.join(POLICIES)}")
     trace = make_trace(args.jobs, args.seed, args.arrivals, args.rate, args.time_scale)
     bound = lower_bound(trace, args.time_scale)
     print_header(args, trace, bound)
+    print_replay(trace, args.time_scale, policies, bound)
     sys.stdout.flush()
+    if args.virtual_only:
+        return []
     # Generous: the pinned bound plus the last arrival, x3, plus start-up.
     timeout = 3 * (bound.pinned + trace[-1].arrival) + 300
     runs, metrics = [], []
     with simulated_farm_cluster() as port:
-        for name, spill in policies:
+        for name in policies:
+            spill, rule = POLICIES[name]
             run = run_policy(port, trace, policy=name, spill=spill, time_scale=args.time_scale,
-                             timeout=timeout, progress=not args.no_progress)
+                             timeout=timeout, progress=not args.no_progress, spill_rule=rule)
             runs.append(run)
             metrics.append(summarize(run, args.time_scale))
     overhead = max(0.0, min(m.overhead_min for m in metrics))

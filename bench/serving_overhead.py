@@ -55,7 +55,6 @@ get less CPU time than anything at 0. `--worker-niceness 0` starts the cluster w
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import json
 import logging
@@ -284,10 +283,9 @@ class Farm:
     """The farm application deployed on the running cluster, and a client for it."""
 
     def __init__(self, sim, port: int, workdir: Path, worker_cpus: float, poll: float):
-        import requests
-
         from serving import harness
         from serving.app import APP_NAME
+        from serving.client import FarmClient
         from serving.config import load_settings
 
         overrides = {
@@ -300,7 +298,7 @@ class Farm:
         }
         self.app = APP_NAME
         self.url = f"http://127.0.0.1:{port}"
-        self.session = requests.Session()
+        self.client = FarmClient(self.url, timeout=60, token="")
         self.poll = poll
         harness.deploy(load_settings(overrides, env={}), self.url, {CLASS: 1}, timeout=300)
         self.pid = worker_pid(sim)
@@ -312,17 +310,15 @@ class Farm:
         return sum(cpu_seconds(pid) for pid in cluster_pids(self.sim) - {self.pid})
 
     def run(self, data: bytes, fields: dict[str, Any]) -> dict[str, Any]:
-        body = {**fields, "image": base64.b64encode(data).decode()}
         cpu = cpu_seconds(self.pid) if self.pid else float("nan")
         others = self.others_cpu()
         t0 = time.time()
-        r = self.session.post(self.url + "/v1/jobs", json=body, timeout=60)
+        # reuse off: the same image, settings and seed every round would get the warm-up's result
+        # back without rendering (serving/reuse.py); FarmClientError (code, message) if refused
+        job_id = self.client.submit(data, {**fields, "reuse": False})["id"]
         t_submitted = time.time()
-        if r.status_code != 202:
-            raise RuntimeError(f"submit failed: HTTP {r.status_code} {r.text[:300]}")
-        job_id = r.json()["id"]
         while True:
-            job = self.session.get(f"{self.url}/v1/jobs/{job_id}", timeout=60).json()
+            job = self.client.job(job_id)
             if job["status"] in TERMINAL:
                 seen = time.time()
                 break

@@ -71,6 +71,8 @@ OUTCOMES = ("succeeded", FailureKind.OOM.value, FailureKind.ERROR.value, Failure
 #: Why a failed attempt is retried (`i2v_job_retries_total{reason}`).
 RETRY_REASONS = (FailureKind.OOM.value, FailureKind.WORKER_DIED.value)
 REJECT_REASONS = ("no_class_fits", "backlogged")
+#: How a webhook POST ended (`i2v_webhook_deliveries_total{outcome}`).
+WEBHOOK_OUTCOMES = ("delivered", "retried", "failed")
 JOB_STATUSES = tuple(s.value for s in JobStatus)
 #: Replica states always exported per class (0 when none), so alerts see a 0, not nothing.
 REPLICA_STATES = ("running", "starting")
@@ -78,6 +80,8 @@ REPLICA_STATES = ("running", "starting")
 #: Seconds: sim jobs take a fraction of a second; a 1024p x 32 job on a 12 GB card, most of an hour.
 RUN_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 WAIT_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
+#: Seconds a worker spends making one live preview (milliseconds on a GPU, more on a CPU).
+PREVIEW_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 #: Bytes, on the GiB steps that matter against the class sizes (12, 24, 40, 80 GiB).
 MEMORY_BUCKETS = tuple(g * GiB for g in (1, 2, 4, 6, 8, 10, 11, 12, 16, 20, 22, 24, 32, 40, 48, 64, 76, 80, 96))
 
@@ -131,6 +135,27 @@ class FarmMetrics:
                                "attempt failed on and why.", ["vram_class", "reason"], registry=r)
         self.storage_failures = Counter("i2v_storage_upload_failures_total", "Result uploads to storage that failed "
                                         "(each try), as workers report them.", ["vram_class"], registry=r)
+        self.previews = Counter("i2v_previews_total", "Live previews workers sent while jobs denoised.",
+                                ["vram_class"], registry=r)
+        self.preview_seconds = Histogram("i2v_preview_seconds", "Worker time to make one live preview (latent "
+                                         "-> RGB strip, JPEG), inside the denoising loop.", ["vram_class"],
+                                         buckets=PREVIEW_BUCKETS, registry=r)
+        # result reuse and webhooks (issue 18)
+        self.reused = Counter("i2v_jobs_reused_total", "Jobs answered with the stored result of an earlier identical "
+                              "job (no GPU ran), by the class of that job.", ["vram_class"], registry=r)
+        self.reuse_saved = Counter("i2v_reuse_gpu_seconds_saved_total", "GPU seconds (render + encode) of the "
+                                   "earlier jobs whose results were reused.", ["vram_class"], registry=r)
+        self.webhooks = Counter("i2v_webhook_deliveries_total", "Webhook POST attempts, by how they ended "
+                                "(delivered, retried, failed: given up).", ["outcome"], registry=r)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhooks.labels(outcome)
+        # LoRA adapters (issue 18): a job's adapters already loaded on its worker (hit) or loaded now
+        self.adapter_hits = Counter("i2v_adapter_cache_hits_total", "LoRA adapters a job needed that its worker "
+                                    "held already, by the class that ran it.", ["vram_class"], registry=r)
+        self.adapter_misses = Counter("i2v_adapter_cache_misses_total", "LoRA adapters a worker had to load for a "
+                                      "job, by the class that ran it.", ["vram_class"], registry=r)
+        self.adapter_load = Counter("i2v_adapter_load_seconds_total", "Seconds workers spent loading LoRA "
+                                    "adapters (cache misses), by class.", ["vram_class"], registry=r)
         self._lock = threading.Lock()
         self._memory: dict[str, int] = {}
         self._requeued_at: dict[str, float] = {}
@@ -151,7 +176,8 @@ class FarmMetrics:
             for reason in RETRY_REASONS:
                 self.retries.labels(c.name, reason)
             for metric in (self.queue_wait, self.frames, self.video_seconds, self.steps, self.peak, self.oom,
-                           self.storage_failures):
+                           self.storage_failures, self.previews, self.preview_seconds, self.adapter_hits,
+                           self.adapter_misses, self.adapter_load):
                 metric.labels(c.name)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
@@ -160,6 +186,15 @@ class FarmMetrics:
 
     def job_submitted(self, vram_class: str, resolution: str) -> None:
         self.submitted.labels(vram_class, resolution).inc()
+
+    def job_reused(self, vram_class: str, gpu_seconds: float) -> None:
+        """A request was answered with an earlier job's result, saving `gpu_seconds`."""
+        self.reused.labels(vram_class).inc()
+        self.reuse_saved.labels(vram_class).inc(max(0.0, float(gpu_seconds)))
+
+    def webhook_attempt(self, outcome: str) -> None:
+        """One webhook POST ended: `delivered`, `retried` or `failed` (given up)."""
+        self.webhooks.labels(outcome if outcome in WEBHOOK_OUTCOMES else "failed").inc()
 
     def job_rejected(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
@@ -207,11 +242,23 @@ class FarmMetrics:
         if record.get("peak_vram_bytes"):
             self.peak.labels(vram_class).observe(int(record["peak_vram_bytes"]))
 
-    def worker_event(self, vram_class: str, event: Mapping[str, Any]) -> None:
-        """Every event a worker streams: progress counts a step; `stats` (see `WorkerStats`)
-        updates the GPU memory gauges and the worker's storage failures."""
-        if event.get("event") == "progress":
-            self.steps.labels(vram_class).inc()
+    def adapter_loads(self, vram_class: str, hits: int, misses: int, load_seconds: float) -> None:
+        """A job's LoRA adapters: `hits` held by its worker already, `misses` loaded in `load_seconds`."""
+        self.adapter_hits.labels(vram_class).inc(max(0, int(hits)))
+        self.adapter_misses.labels(vram_class).inc(max(0, int(misses)))
+        self.adapter_load.labels(vram_class).inc(max(0.0, float(load_seconds)))
+
+    def preview_sent(self, vram_class: str, seconds: float) -> None:
+        """A worker sent a live preview that took it `seconds` to make."""
+        self.previews.labels(vram_class).inc()
+        self.preview_seconds.labels(vram_class).observe(max(0.0, float(seconds)))
+
+    def worker_event(self, vram_class: str, event: Mapping[str, Any], steps: int = 1) -> None:
+        """Every event a worker streams: progress counts `steps` denoising steps (workers coalesce
+        progress, so the caller passes the steps since the attempt's previous progress event);
+        `stats` (see `WorkerStats`) updates the GPU memory gauges and the worker's storage failures."""
+        if event.get("event") == "progress" and steps > 0:
+            self.steps.labels(vram_class).inc(steps)
         stats = event.get("stats")
         if not isinstance(stats, Mapping):
             return

@@ -35,12 +35,17 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--guidance", dest="guidance_scale", type=float, help="guidance scale (1: off)")
     group.add_argument("--seed", type=int, help="random seed (default: a random one, recorded)")
     group.add_argument("--scheduler", choices=("ddim", "dpmsolver++", "unipc"), help="sampler (default ddim)")
+    group.add_argument("--lora", action="append", metavar="NAME[:SCALE]",
+                       help="a registered LoRA adapter and its scale (default 1); up to 3 (repeat the flag)")
 
 
 def request_fields(args: argparse.Namespace, names=None) -> dict:
     names = names or ("prompt", "negative_prompt", "preset", "resolution", "num_frames", "fps", "target_fps",
                       "num_inference_steps", "guidance_scale", "seed", "scheduler")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    fields = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "lora", None) and "lora" not in fields:
+        fields["lora"] = ",".join(args.lora)  # NAME:SCALE,... (pipeline.request parses it)
+    return fields
 
 
 def add_commands(subparsers) -> None:
@@ -66,6 +71,8 @@ def add_commands(subparsers) -> None:
     gen.add_argument("--cpu-offload", action="store_true", help="keep idle components in CPU memory (GPU only)")
     gen.add_argument("--decode-chunk-size", type=int, default=1, help="frames the VAE decodes at once")
     gen.add_argument("--json", action="store_true", help="print the parameter record as JSON")
+    gen.add_argument("--adapters", default=os.environ.get("I2V_ADAPTERS_URL"),
+                     help="registry directory the --lora names are read from [$I2V_ADAPTERS_URL]")
     gen.set_defaults(func=cmd_generate)
 
     est = subparsers.add_parser(
@@ -115,8 +122,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         bar.total = total
         bar.update(step - bar.n)
 
+    params, adapters = _local_adapters(args.adapters, params, generator)
     try:
-        output = render(generator, image, params, args.out, image_bytes=image_path.read_bytes(), progress=progress)
+        with adapters:
+            output = render(generator, image, params, args.out, image_bytes=image_path.read_bytes(),
+                            progress=progress)
     finally:
         bar.close()
     record = output.record
@@ -134,6 +144,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"parameters: {output.params_path.resolve()}", file=sys.stderr)
         print(output.video_path.resolve())
     return 0
+
+
+def _local_adapters(directory: str | None, params, generator):
+    """(params with each adapter's SHA-256, a context applying them) for `generate --lora`: the
+    weights come from a registry directory (`NAME/adapter.safetensors`, see docs/adapters.md)."""
+    import contextlib
+
+    from .adapters import WEIGHTS_NAME, AdapterCache, sha256_hex
+
+    if not params.lora:
+        return params, contextlib.nullcontext()
+    if not directory or directory.startswith("s3://"):
+        raise I2VError("--lora needs --adapters DIR (a registry directory; `i2v-farm adapters add` fills one)",
+                       field="lora")
+    root = Path(directory.removeprefix("file://")).expanduser()
+    refs = []
+    for ref in params.lora:
+        path = root / ref.name / WEIGHTS_NAME
+        if not path.is_file():
+            raise I2VError(f"adapter {ref.name!r} is not in {root}", field="lora")
+        refs.append({**ref.model_dump(), "sha256": sha256_hex(path.read_bytes())})
+    params = params.model_copy(update={"lora": parse_params({"prompt": "x", "lora": refs}).lora})
+    cache = AdapterCache(generator.pipe.unet, lambda name, _sha: (root / name / WEIGHTS_NAME).read_bytes(), 2**40)
+    return params, cache.applied(refs)
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:

@@ -1,11 +1,16 @@
-"""Errors a user can act on.
+"""Errors a user can act on: the farm's one error type.
 
 Each carries a stable machine `code`, a sentence for a person (`message`), the request `field`
-it is about (or None) and the HTTP status the farm answers with. The HTTP layer turns them into
-`{"error": {"code", "message", "field"}}`; the CLI prints `error: <message>` and exits non-zero.
+it is about (or None), the HTTP status the farm answers with (`http_status`) and, for a refusal
+worth retrying, `retry_after` seconds. The HTTP layer (`serving.api`) turns any of them into
+`{"error": {"code", "message", "field"}}` with that status (and a `Retry-After` header); the job
+manager raises them and sends them across Ray as `reply()` dicts that `from_reply` reads back; the
+CLI prints `error: <message>` and exits non-zero.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class I2VError(Exception):
@@ -14,15 +19,38 @@ class I2VError(Exception):
     code = "error"
     http_status = 400
 
-    def __init__(self, message: str, *, field: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None,
+                 http_status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.message = message
         self.field = field
+        self.retry_after = retry_after
         if code is not None:
             self.code = code
+        if http_status is not None:
+            self.http_status = int(http_status)
 
     def to_dict(self) -> dict:
+        """The JSON error body's `error` object."""
         return {"code": self.code, "message": self.message, "field": self.field}
+
+    def headers(self) -> dict[str, str] | None:
+        """HTTP headers of the answer: `Retry-After` when the refusal is worth retrying later."""
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+
+    def reply(self) -> dict[str, Any]:
+        """As a reply that crosses a process boundary (the job manager's answers):
+        `{"error", "status"[, "retry_after"]}`; `from_reply` makes the error again."""
+        out: dict[str, Any] = {"error": self.to_dict(), "status": self.http_status}
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
+
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any]) -> I2VError:
+        err = reply["error"]
+        return cls(err["message"], field=err.get("field"), code=err["code"], http_status=reply["status"],
+                   retry_after=reply.get("retry_after"))
 
 
 class InvalidRequest(I2VError):
@@ -39,9 +67,7 @@ class InvalidImage(I2VError):
     http_status = 400
 
     def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None):
-        super().__init__(message, field="image", code=code)
-        if http_status is not None:
-            self.http_status = http_status
+        super().__init__(message, field="image", code=code, http_status=http_status)
 
 
 class ModelLoadError(I2VError):

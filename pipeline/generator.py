@@ -24,6 +24,7 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -31,6 +32,7 @@ import PIL.Image
 
 from .errors import GenerationCanceled, OutOfMemory
 from .loading import LoadedModel
+from .preview import LivePreview, PreviewFn, predict_x0
 from .request import GenerationParams, output_size
 
 ProgressFn = Callable[[int, int], None]
@@ -54,6 +56,10 @@ class MemoryOptions:
     channels_last: bool = False  # 2D convolution weights of the UNet and VAE in NHWC (same result)
     fuse_qkv: bool = False  # one projection for q, k, v (k, v in cross-attention); sdpa only (same result)
     compile: bool = False  # torch.compile the UNet; each new shape compiles on first use (`warm_up`)
+    # "split": the UNet's and VAE's GroupNorms compute their statistics with a split reduction
+    # (`pipeline.group_norm`; same result up to summation order), for GPUs where the native
+    # kernel's one-block-per-group statistics leave most of the chip idle.
+    group_norm: str = "native"
     # Pyramid Attention Broadcast (diffusers' hook): inside the timestep range below, a spatial
     # self-attention layer computes on 1 step in `attention_cache` and reuses its output on the
     # others. 0 = off. CHANGES THE OUTPUT (a quality/speed trade; see docs/benchmarks.md).
@@ -116,11 +122,17 @@ class Generator:
             raise ValueError("fuse_qkv needs attention='sdpa' (diffusers' fused processor is SDPA)")
         if o.attention_cache and o.attention_cache < 2:
             raise ValueError("attention_cache must be 0 (off) or a skip range >= 2")
+        if o.group_norm not in ("native", "split"):
+            raise ValueError(f"group_norm must be 'native' or 'split', got {o.group_norm!r}")
 
     def _apply_speed_options(self) -> None:
         import torch
 
         o, unet = self.options, self.pipe.unet
+        if o.group_norm == "split":
+            from .group_norm import use_split_group_norm
+
+            use_split_group_norm(unet, self.pipe.vae)
         if o.fuse_qkv:
             unet.fuse_qkv_projections()
         if o.channels_last:
@@ -170,11 +182,18 @@ class Generator:
         size: tuple[int, int] | None = None,
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
+        preview: PreviewFn | None = None,
+        preview_interval_s: float = 1.0,
+        preview_max_side: int = 160,
     ) -> GenerationResult:
         """Render `params` for `image`. `size` overrides the resolution preset's (width, height).
 
         `progress(step, total)` is called after each denoising step; `cancel()` is polled before
         each step and each decode chunk, and a True answer raises `GenerationCanceled`.
+        `preview(step, total, jpeg, seconds)` (optional) gets a live preview (`pipeline.preview`) after the
+        first step that ends `preview_interval_s` seconds or more after the previous one (or the
+        loop's start); None or an interval of 0: no previews, nothing computed for them. Previews
+        only read the latents: the video is the same with or without them.
         Out-of-memory on the accelerator raises `OutOfMemory`.
         """
         import torch
@@ -184,7 +203,9 @@ class Generator:
         with self._lock, torch.inference_mode():
             self._reset_peak_memory()
             try:
-                result = self._run(image, params, width, height, progress, cancel)
+                live = (LivePreview(preview, preview_interval_s, preview_max_side)
+                        if preview is not None and preview_interval_s > 0 else None)
+                result = self._run(image, params, width, height, progress, cancel, live)
             except torch.OutOfMemoryError as exc:
                 del exc
                 self._free_memory()
@@ -197,7 +218,8 @@ class Generator:
 
     # -- the algorithm -------------------------------------------------------------------------
 
-    def _run(self, image, params: GenerationParams, width, height, progress, cancel) -> GenerationResult:
+    def _run(self, image, params: GenerationParams, width, height, progress, cancel,
+             live: LivePreview | None = None) -> GenerationResult:
         import torch
 
         pipe, device = self.pipe, self.device
@@ -236,6 +258,8 @@ class Generator:
         started = time.perf_counter()
         total = len(scheduler.timesteps)
         self._reset_attention_cache()
+        if live is not None:
+            live.start()
         for i, t in enumerate(scheduler.timesteps):
             self._check_cancel(cancel)
             self._timestep = int(t)
@@ -257,14 +281,20 @@ class Generator:
             b, c, f, h, w = latents.shape
             latents = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
             noise_pred = noise_pred.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
-            latents = latents[None, :].reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
+            sample = latents
+            stepped = scheduler.step(noise_pred, t, latents, **step_kwargs)
+            latents = stepped.prev_sample[None, :].reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
             if progress is not None:
                 progress(i + 1, total)
+            if live is not None and live.due():  # x0: DDIM's own, else from the model output
+                x0 = getattr(stepped, "pred_original_sample", None)
+                live.emit(i + 1, total, x0 if x0 is not None else partial(predict_x0, scheduler, sample, noise_pred, t))
         self._timestep = None
         self._reset_attention_cache()  # drop the cached attention outputs before the decode
         self._synchronize()
         timings["denoise"] = time.perf_counter() - started
+        if live is not None:
+            timings["preview"] = live.seconds  # within denoise: making the previews
 
         # 4. decode
         started = time.perf_counter()

@@ -58,11 +58,14 @@ def render(
     progress: ProgressFn | None = None,
     cancel: CancelFn | None = None,
     size: tuple[int, int] | None = None,
+    **preview: Any,
 ) -> RenderOutput:
     """Generate and save `video_YYYYMMDD_HHMMSS_<id>.mp4` and `<same stem>.params.json` in `out_dir`.
 
     The parameter record holds every setting (with the seed actually used), the model, the
     device, timings (load, conditioning, denoise, decode, encode, total) and peak memory.
+    `preview`: `preview`, `preview_interval_s`, `preview_max_side` of `Generator.generate`
+    (live previews; they are not saved).
     """
     started = time.perf_counter()
     created = datetime.now(timezone.utc)
@@ -70,7 +73,7 @@ def render(
     params = params.with_seed()
     size = size or output_size(params.resolution, image.width, image.height)
 
-    result = generator.generate(image, params, size=size, progress=progress, cancel=cancel)
+    result = generator.generate(image, params, size=size, progress=progress, cancel=cancel, **preview)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

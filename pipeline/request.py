@@ -59,6 +59,71 @@ PROMPT_EXAMPLES = (
 )
 
 
+LORA_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"  # = pipeline.adapters.NAME_RE
+MAX_LORAS = 3
+LORA_SCALE_RANGE = (-2.0, 2.0)
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of a job: its registered name, its scale, and (filled in by the farm from
+    the registry, recorded in `params.json`) the SHA-256 of its weights."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=LORA_NAME_PATTERN, description="Registered adapter name.")
+    scale: float = Field(1.0, ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1], description="LoRA strength.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the weights.")
+
+
+def _parse_lora(value: Any) -> Any:
+    """`lora` as a list of {name, scale}, a JSON text of one (forms, manifests), or `NAME:SCALE,...`
+    (command lines); checked here so a 422 says which entry is wrong."""
+    import json
+
+    if value is None or value == "" or value == []:
+        return ()
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("[", "{")):
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise ValueError("must be a JSON list of {\"name\", \"scale\"} objects") from None
+        else:
+            value = [dict(zip(("name", "scale"), part.strip().split(":", 1))) for part in text.split(",")
+                     if part.strip()]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("must be a list of {\"name\", \"scale\"} objects")
+    if len(value) > MAX_LORAS:
+        raise ValueError(f"at most {MAX_LORAS} adapters per job, got {len(value)}")
+    out, names = [], set()
+    for i, item in enumerate(value):
+        if isinstance(item, LoraRef):
+            item = item.model_dump()
+        if not isinstance(item, dict):
+            raise ValueError(f"lora[{i}] must be an object with 'name' and 'scale'")
+        try:
+            ref = LoraRef.model_validate(item)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            if where == "scale" and err.get("type", "").startswith(("greater", "less")):
+                low, high = LORA_SCALE_RANGE
+                raise ValueError(f"lora[{i}].scale must be between {low:g} and {high:g}, "
+                                 f"got {err.get('input')!r}") from None
+            if where == "name" and err.get("type") == "string_pattern_mismatch":
+                raise ValueError(f"lora[{i}].name {err.get('input')!r} is not an adapter name "
+                                 "(lower-case letters, digits, '.', '_', '-')") from None
+            raise ValueError(f"lora[{i}].{where}: {err.get('msg')}") from None
+        if ref.name in names:
+            raise ValueError(f"adapter {ref.name!r} is named twice")
+        names.add(ref.name)
+        out.append(ref)
+    return tuple(out)
+
+
 class GenerationParams(BaseModel):
     """Every setting of one job except the image itself.
 
@@ -83,6 +148,11 @@ class GenerationParams(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Random seed (empty: pick one and record it).")
     scheduler: SchedulerName = Field("ddim", description="Sampler: ddim (the model's own), dpmsolver++, unipc.")
     priority: Priority = Field("normal", description="Queue priority on the farm.")
+    lora: tuple[LoraRef, ...] = Field(
+        (), description="Up to 3 LoRA adapters, [{\"name\", \"scale\"}] (scale -2 to 2); see docs/adapters.md.",
+    )
+    preview: bool = Field(True, description="Live previews while the job denoises (false: none; the video is "
+                          "the same either way).")
 
     @model_validator(mode="before")
     @classmethod
@@ -95,6 +165,11 @@ class GenerationParams(BaseModel):
             for key, value in PRESETS[preset].items():
                 data.setdefault(key, value)
         return data
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_list(cls, value: Any) -> Any:
+        return _parse_lora(value)
 
     @field_validator("prompt")
     @classmethod
@@ -145,13 +220,15 @@ def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
         low, high = _field_bounds(field)
         message = f"'{field}' must be between {low} and {high}, got {err.get('input')!r}"
     elif kind.startswith(("int_", "float_", "string_type", "bool_")):
-        expected = {"int": "a whole number", "float": "a number", "string": "text"}.get(kind.split("_")[0], kind)
+        expected = {"int": "a whole number", "float": "a number", "string": "text",
+                    "bool": "true or false"}.get(kind.split("_")[0], kind)
         message = f"'{field}' must be {expected}, got {err.get('input')!r}"
     elif kind in ("string_too_short", "string_too_long"):
         low, high = _field_bounds(field)
         message = f"'{field}' must be {low} to {high} characters long"
     else:
-        message = f"'{field}': {err.get('msg', 'invalid value')}" if field else err.get("msg", "invalid request")
+        msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        message = f"'{field}': {msg}" if field else err.get("msg", "invalid request")
     return InvalidRequest(message, field=field)
 
 

@@ -5,7 +5,8 @@
     GET  /v1/jobs/{id}            status, progress, params, timings, result, error
     POST /v1/jobs/{id}/cancel
     GET  /v1/jobs/{id}/video      the MP4
-    GET  /v1/jobs/{id}/events     server-sent events: progress and status changes
+    GET  /v1/jobs/{id}/events     server-sent events: progress, live previews and status changes
+    GET  /v1/jobs/{id}/preview    the latest live preview (JPEG strip) of a running job
     GET  /v1/cluster              classes, replicas, queue depth, capacity, nodes
     GET  /healthz, /readyz
     GET  /metrics                 Prometheus metrics of the farm (`monitoring/metrics.py`)
@@ -21,20 +22,21 @@ frame-ancestors 'none', nosniff, no referrer). State-changing requests a browser
 origin are refused (403 `cross_origin`).
 
 The ingress validates everything it can (fields, image) before anything is queued, and answers
-errors as `{"error": {"code", "message", "field"}}`. Job state lives in the job manager.
+errors as `{"error": {"code", "message", "field"}}`: every error is a `pipeline.errors.I2VError`
+(its `http_status`, `code`, `field`), the job manager's included. Job state lives in the job
+manager; what the page asks before submitting (`/v1/info`, `/v1/estimate`) and the page's files
+are `serving.info`'s.
 """
 
 
 
 import asyncio
 import base64
-import binascii
 import json
 import logging
 import math
 import re
 import weakref
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -44,19 +46,10 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from monitoring.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from pipeline.errors import I2VError, InvalidRequest
-from pipeline.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE, load_image
-from pipeline.loading import TINY_RANDOM
-from pipeline.render import TINY_RANDOM_NOTE
-from pipeline.request import (
-    DEFAULT_PRESET,
-    PRESETS,
-    PROMPT_EXAMPLES,
-    PROMPT_TIPS,
-    RESOLUTION_PIXELS,
-    GenerationParams,
-    parse_params,
-)
+from pipeline.errors import I2VError
+from pipeline.images import load_image
+from pipeline.preview import frame_count as preview_frame_count
+from pipeline.request import parse_params
 
 from .auth import (
     ANONYMOUS,
@@ -78,13 +71,16 @@ from .auth import (
     tokens_path,
 )
 from .backends import SIM
+from .bodies import image_format, json_body, read_body, read_submission
 from .config import FarmSettings
+from .egress import EgressPolicy
 from .files import apply_umask
-from .jobs import ACTIVE, FINISHED, JobStatus
+from .info import docs_file, docs_page, estimate_request, farm_info, web_file
+from .jobs import FINISHED, JobStatus
 from .protocol import ERROR_RESPONSES, ClusterStatus, ErrorResponse, Job, JobList, JobRequest, Me
-from .scheduler import NoClassFits, Scheduler
-from .scheduler import estimate_request as estimate_cost
+from .reuse import pop_reuse
 from .storage import StorageUnavailable, content_type, open_storage
+from .webhooks import pop_webhook
 
 logger = logging.getLogger(__name__)
 TERMINAL = FINISHED  # serving.jobs: the one definition
@@ -101,12 +97,6 @@ app = FastAPI(
 )
 
 
-class ApiError(I2VError):
-    def __init__(self, message: str, *, code: str, status: int = 400, field: str | None = None):
-        super().__init__(message, field=field, code=code)
-        self.http_status = status
-
-
 def error_response(status: int, code: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, "field": field}}, status_code=status,
@@ -115,7 +105,7 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 @app.exception_handler(I2VError)
 async def _i2v_error(request: Request, exc: I2VError) -> JSONResponse:
-    return error_response(getattr(exc, "http_status", 400), exc.code, exc.message, exc.field)
+    return error_response(exc.http_status, exc.code, exc.message, exc.field, exc.headers())
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -278,18 +268,16 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 def _check_priority(caller: Caller, priority: str | None) -> None:
     if not caller.may_use(priority):
-        raise ApiError(f"token {caller.name!r} may ask for priority up to {caller.max_priority!r}, not {priority!r} "
+        raise I2VError(f"token {caller.name!r} may ask for priority up to {caller.max_priority!r}, not {priority!r} "
                        "(an operator grants more with `i2v-farm token create NAME --max-priority high`)",
-                       code="priority_not_allowed", status=403, field="priority")
+                       code="priority_not_allowed", http_status=403, field="priority")
 
 
-def _reply(reply: dict[str, Any]) -> dict[str, Any] | JSONResponse:
-    """Manager replies carry either a result or {"error", "status", ...}."""
-    if "error" not in reply:
-        return reply
-    headers = {"Retry-After": str(reply["retry_after"])} if "retry_after" in reply else None
-    err = reply["error"]
-    return error_response(reply["status"], err["code"], err["message"], err.get("field"), headers)
+def _reply(reply: dict[str, Any]) -> dict[str, Any]:
+    """Manager replies carry either a result or an error (`I2VError.reply()`), raised here again."""
+    if "error" in reply:
+        raise I2VError.from_reply(reply)
+    return reply
 
 
 def _links(job: dict[str, Any]) -> dict[str, Any]:
@@ -297,263 +285,24 @@ def _links(job: dict[str, Any]) -> dict[str, Any]:
     job["links"] = {"self": base, "video": base + "/video", "events": base + "/events",
                     "cancel": base + "/cancel"}
     job["links"]["poster"] = base + "/poster"
+    job["links"]["preview"] = base + "/preview"
     if job.get("result"):
         job["result"] = {**job["result"], "url": base + "/video", "poster_url": base + "/poster"}
     return job
 
 
-async def _read_body(request: Request, limit: int, too_large: str, field: str | None = None,
-                     chunked: bool = False) -> bytes:
-    """The whole body, sized up before it is read: refused without a Content-Length (411; Ray
-    Serve's proxy would buffer a chunked upload of any size; `chunked=True`: read, but never past
-    `limit`) or above `limit` bytes (413), and never read past `limit` whatever the header said."""
-    length = request.headers.get("content-length", "")
-    code = "image_too_large" if field == "image" else "request_too_large"
-    if chunked and not length:
-        length = "0"  # no size announced: read, never past `limit`
-    if not length.isdigit():
-        raise ApiError("send the request with a Content-Length header (chunked uploads are not accepted)",
-                       code="length_required", status=411)
-    if int(length) > limit:
-        raise ApiError(f"the request is {int(length) / 2**20:.1f} MiB; {too_large}", code=code, status=413,
-                       field=field)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(f"the request is over {limit / 2**20:.1f} MiB; {too_large}", code=code, status=413,
-                           field=field)
-        chunks.append(chunk)
-    request._body = body = b"".join(chunks)  # Starlette's cache of the body: request.form() parses it
-    return body
+def preview_frames(job: dict[str, Any]) -> int:
+    """How many frames a live preview strip of this job holds."""
+    return preview_frame_count(int(job["params"].get("num_frames") or 1))
 
 
-async def _read_submission(request: Request, max_bytes: int) -> tuple[dict[str, Any], bytes]:
-    """(fields, image bytes) from a multipart form or a JSON body."""
-    ctype = request.headers.get("content-type", "")
-    media = ctype.partition(";")[0].strip().lower()  # media types are case-insensitive; no prefixes
-    # base64 grows the image by 4/3; the other fields are small
-    limit = max_bytes * 4 // 3 + 2**20
-    too_large = f"images may be at most {max_bytes / 2**20:.0f} MiB"
-    if media in ("multipart/form-data", "application/x-www-form-urlencoded"):
-        await _read_body(request, limit, too_large, "image")
-        try:
-            form = await request.form(max_part_size=max_bytes + 1)
-        except Exception as exc:  # noqa: BLE001 - a malformed body is the client's error
-            raise ApiError(f"could not read the form: {exc}", code="bad_form") from None
-        fields: dict[str, Any] = {}
-        image = None
-        for key, value in form.multi_items():
-            if key == "image":
-                if isinstance(value, str):
-                    raise InvalidRequest("image must be a file upload", field="image")
-                image = await value.read()
-            else:
-                fields[key] = value
-        if image is None:
-            raise InvalidRequest("image is required (a JPEG, PNG or WEBP file)", field="image")
-        return fields, image
-    if media == "application/json" or not media:
-        body = await _read_body(request, limit, too_large, "image")
-        try:
-            data = json.loads(body or b"null")
-        except ValueError as exc:
-            raise ApiError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        except RecursionError:
-            raise ApiError("the body is not valid JSON: nested too deeply", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError("the JSON body must be an object", code="invalid_json")
-        encoded = data.pop("image", None)
-        if not isinstance(encoded, str) or not encoded:
-            raise InvalidRequest("image is required: base64 of a JPEG, PNG or WEBP file", field="image")
-        if encoded.startswith("data:"):
-            encoded = encoded.partition(",")[2]
-        try:
-            image = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError("image is not valid base64", code="invalid_base64", field="image") from None
-        return data, image
-    raise ApiError(f"unsupported content type {ctype!r}: send multipart/form-data or application/json",
-                   code="unsupported_media_type", status=415)
-
-
-def _image_format(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "png"
-    if data.startswith(b"\xff\xd8"):
-        return "jpeg"
-    return "webp"
-
-
-# --- the web page, and what it asks before submitting ----------------------------------------
-
-#: The web page's files (`serving/web`, shipped as package data), served at `/` and `/ui/<name>`.
-WEB_DIR = Path(__file__).parent / "web"
-WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
-
-IMAGE_TIPS = (
-    "512x512 or larger works best.",
-    "A clear, centred subject on a simple background.",
-    "Avoid blurry pictures, crowds and posters full of text.",
-)
-TUNING_TIPS = (
-    "Motion too weak: raise the guidance scale to 10-12.",
-    "Blurry: use 60-80 steps.",
-    "Too large for the farm (or out of memory): lower the resolution or the number of frames.",
-)
-SIM_NOTE = "sim model: no network runs; timing comes from the cost model and the video is a placeholder."
-ESTIMATE_NOTES = {
-    TINY_RANDOM: "Times are the cost model's for the real model on each class's GPU; tiny-random runs at its own pace.",
-    SIM: "The sim model sleeps a fraction (sim_time_scale) of these times.",
-}
-REAL_WEIGHTS = {
-    "summary": "Download the I2VGen-XL weights once, then start the farm on them (nothing is downloaded at run time).",
-    "commands": [
-        "hf download ali-vilab/i2vgen-xl --local-dir /models/i2vgen-xl",
-        "i2v-farm up --model /models/i2vgen-xl    # or: export I2V_MODEL=/models/i2vgen-xl",
-    ],
-}
-
-
-def _web_files() -> dict[str, Path]:
-    if not WEB_DIR.is_dir():
-        return {}
-    return {p.name: p for p in WEB_DIR.iterdir() if p.is_file() and p.suffix in WEB_TYPES}
-
-
-DOCS_HTML = """<!doctype html>
-<html lang="en">
-<head>
-  <meta charset="utf-8">
-  <title>i2v-farm API</title>
-  <link rel="stylesheet" href="docs/swagger-ui.css">
-  <link rel="icon" href="docs/favicon.png">
-  <script src="docs/swagger-ui-bundle.js" defer></script>
-  <script src="ui/docs.js" defer></script>
-</head>
-<body><div id="swagger-ui"></div></body>
-</html>
-"""
-
-
-def _docs_files() -> dict[str, Path]:
-    """swagger-ui's files, bundled by the `fastapi-offline` package (no CDN)."""
-    try:
-        import fastapi_offline
-    except ImportError:
-        return {}
-    static = Path(fastapi_offline.__file__).parent / "static"
-    names = ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")
-    return {n: static / n for n in names if (static / n).is_file()}
-
-
-def web_file(name: str) -> Response:
-    """One file of the web page (only the files of `serving/web`; never a path)."""
-    path = _web_files().get(name)
-    if path is None:
-        raise ApiError(f"no page asset {name!r}", code="not_found", status=404)
-    return FileResponse(path, media_type=WEB_TYPES[path.suffix], headers={"Cache-Control": "no-cache"})
-
-
-def model_kind(model: str) -> str:
-    """`tiny-random`, `sim`, or `i2vgen-xl` (real weights: a directory or a hub id)."""
-    return model if model in (TINY_RANDOM, SIM) else "i2vgen-xl"
-
-
-def _field_specs() -> dict[str, dict[str, Any]]:
-    """Type, default, range or choices and description of every request field (from the schema)."""
-    specs = {}
-    for name, prop in GenerationParams.model_json_schema()["properties"].items():
-        prop = dict(prop)
-        for alt in prop.pop("anyOf", []):  # `int | None` and friends: the non-null branch
-            if alt.get("type") != "null":
-                prop.update(alt)
-        spec = {k: prop[k] for k in ("type", "default", "minimum", "maximum", "enum", "maxLength", "description")
-                if k in prop}
-        spec["required"] = "default" not in prop
-        specs[name] = spec
-    return specs
-
-
-def farm_info(settings: FarmSettings) -> dict[str, Any]:
-    """What the web page (or any client) needs before it asks: the model and what its output is,
-    presets, field ranges, image limits, prompt tips and the active VRAM classes."""
-    kind = model_kind(settings.model)
-    return {
-        "model": settings.model,
-        "model_kind": kind,
-        "note": {TINY_RANDOM: TINY_RANDOM_NOTE, SIM: SIM_NOTE}.get(kind),
-        "real_weights": REAL_WEIGHTS if kind != "i2vgen-xl" else None,
-        "estimate_note": ESTIMATE_NOTES.get(kind),
-        "presets": PRESETS,
-        "default_preset": DEFAULT_PRESET,
-        "fields": _field_specs(),
-        "prompt_tips": PROMPT_TIPS,
-        "prompt_examples": list(PROMPT_EXAMPLES),
-        "tuning_tips": list(TUNING_TIPS),
-        "image": {
-            "types": ["image/jpeg", "image/png", "image/webp"],
-            "max_bytes": settings.max_image_bytes,
-            "min_side": MIN_IMAGE_SIDE,
-            "max_pixels": MAX_IMAGE_PIXELS,
-            "max_aspect_ratio": MAX_ASPECT_RATIO,
-            "tips": list(IMAGE_TIPS),
-        },
-        "classes": [{"name": c.name, "memory_gib": c.memory_gib, "gpu": c.gpu} for c in settings.active_classes],
-        # the job statuses (serving.jobs), so clients (the web page) need no list of their own
-        "statuses": {
-            "all": [s.value for s in JobStatus],
-            "active": [s.value for s in JobStatus if s in ACTIVE],
-            "finished": [s.value for s in JobStatus if s in FINISHED],
-        },
-    }
-
-
-def _image_side(value: Any, field: str) -> int | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, str) and value.isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
-        raise InvalidRequest(f"'{field}' must be the image's {field} in pixels (1-100000), got {value!r}",
-                             field=field)
-    return value
-
-
-def estimate_request(settings: FarmSettings, data: dict[str, Any]) -> dict[str, Any]:
-    """The cost-model estimate of a request before it is submitted: peak VRAM, the smallest active
-    class that holds it, and seconds on that class's GPU, as `POST /v1/jobs` would place it.
-
-    `data` holds the request fields (the prompt may be left out) plus the image's `width` and
-    `height` (default: a square image). A job no class can hold answers `fits: false` with the reason.
-    """
-    data = dict(data)
-    width = _image_side(data.pop("width", None), "width")
-    height = _image_side(data.pop("height", None), "height")
-    if width and height and max(width, height) / min(width, height) > MAX_ASPECT_RATIO:  # as POST /v1/jobs would
-        raise InvalidRequest(f"an image of {width}x{height} would be refused: its aspect ratio may be at most "
-                             f"{MAX_ASPECT_RATIO:g}:1 either way", field="width" if width > height else "height")
-    if not str(data.get("prompt") or "").strip():
-        data["prompt"] = "(estimate)"  # the estimate does not depend on the prompt
-    params = parse_params(data)
-    if width is None or height is None:
-        width = height = RESOLUTION_PIXELS[params.resolution]
-    classes = settings.active_classes
-    out_w, out_h, vram, seconds = estimate_cost(classes, params, width, height, dtype=settings.dtype,
-                                                cpu_offload=settings.cpu_offload,
-                                                decode_chunk_size=settings.decode_chunk_size)
-    reply: dict[str, Any] = {
-        "fits": True, "reason": None, "vram_class": None, "gpu": None, "vram_bytes": vram, "seconds": None,
-        "width": out_w, "height": out_h, "num_frames": params.num_frames, "fps": params.fps,
-        "duration_s": round(params.num_frames / params.fps, 3),
-        "params": params.model_dump(exclude={"prompt", "negative_prompt"}),
-    }
-    try:
-        home = Scheduler(classes).place(vram)
-    except NoClassFits as exc:
-        return {**reply, "fits": False, "reason": exc.message}
-    return {**reply, "vram_class": home, "gpu": classes[home].gpu, "seconds": round(seconds[home], 2)}
+def preview_event(job: dict[str, Any], preview: dict[str, Any]) -> dict[str, Any]:
+    """The data of an SSE `preview` event: the step, the strip's frame count, the image as a data
+    URL (a few kB to tens of kB) and the link to the latest one."""
+    return {"step": preview["step"], "total": preview["total"], "seq": preview["seq"],
+            "frames": preview_frames(job), "media_type": preview["media_type"],
+            "image": f"data:{preview['media_type']};base64,{base64.b64encode(preview['image']).decode()}",
+            "url": f"/v1/jobs/{job['id']}/preview"}
 
 
 @serve.ingress(app)
@@ -567,6 +316,7 @@ class FarmApi:
         self.storage = open_storage(self.settings)
         self.guard = Guard(self.settings)
         app.state.guard = self.guard
+        self.egress = EgressPolicy.from_settings(self.settings)  # webhook URLs (issue 18)
 
     @app.post("/v1/jobs", status_code=202, response_model=Job, responses=ERROR_RESPONSES,
               openapi_extra={"requestBody": {"content": {
@@ -585,18 +335,20 @@ class FarmApi:
             return error_response(429, "rate_limited",
                                   f"token {caller.name!r} may submit {caller.rate_per_min:g} jobs per minute",
                                   headers={"Retry-After": str(max(1, math.ceil(wait)))})
-        fields, image_bytes = await _read_submission(request, self.settings.max_image_bytes)
+        fields, image_bytes = await read_submission(request, self.settings.max_image_bytes)
+        hook_fields = {k: fields.pop(k) for k in ("webhook", "webhook_events") if k in fields}  # not generation
+        reuse = pop_reuse(fields)  # fields: serving.webhooks, serving.reuse
         params = parse_params(fields)  # field errors before the (slower) image check
         _check_priority(caller, params.priority)
         image = load_image(image_bytes, max_bytes=self.settings.max_image_bytes)
+        webhook = await asyncio.to_thread(pop_webhook, hook_fields, self.egress) if hook_fields else None
         reply = await self.manager.submit.remote(
             params.model_dump(exclude_none=True),
-            image_bytes, _image_format(image_bytes), image.width, image.height,
+            image_bytes, image_format(image_bytes), image.width, image.height,
             request.headers.get("idempotency-key"), caller.name, caller.max_active,
+            webhook=webhook, reuse=reuse, admin=caller.admin,
         )
         out = _reply(reply)
-        if isinstance(out, Response):
-            return out
         return JSONResponse(_links(out["job"]), status_code=202 if out["created"] else 200)
 
     @app.get("/v1/jobs", response_model=JobList, responses=ERROR_RESPONSES)
@@ -619,7 +371,7 @@ class FarmApi:
         """Cancel a queued or running job (a running one stops between denoising steps)."""
         await self._job(job_id, request)  # exists and is the caller's
         out = _reply(await self.manager.cancel.remote(job_id))
-        return out if isinstance(out, Response) else _links(out["job"])
+        return _links(out["job"])
 
     @app.get("/v1/jobs/{job_id}/video", responses={**ERROR_RESPONSES, 200: {"content": {"video/mp4": {}}},
                                                   307: {"description": "Redirect to a presigned URL (S3)"}})
@@ -628,8 +380,8 @@ class FarmApi:
         redirect to a presigned URL on S3/MinIO, valid for `presign_expiry_s`."""
         job = await self._job(job_id, request)
         if job["status"] != JobStatus.SUCCEEDED:
-            raise ApiError(f"job {job_id} is {job['status']}; the video exists once it has succeeded",
-                           code="not_ready", status=409)
+            raise I2VError(f"job {job_id} is {job['status']}; the video exists once it has succeeded",
+                           code="not_ready", http_status=409)
         return await self._object(job["result"]["key"], f"video_{job_id[:8]}.mp4", f"the video of job {job_id}")
 
     @app.get("/v1/jobs/{job_id}/poster", responses={**ERROR_RESPONSES, 200: {"content": {"image/jpeg": {}}},
@@ -638,9 +390,41 @@ class FarmApi:
         """The first frame of a succeeded job's video, as a JPEG."""
         job = await self._job(job_id, request)
         if job["status"] != JobStatus.SUCCEEDED or not job["result"].get("poster_key"):
-            raise ApiError(f"job {job_id} is {job['status']}; its poster exists once it has succeeded",
-                           code="not_ready", status=409)
+            raise I2VError(f"job {job_id} is {job['status']}; its poster exists once it has succeeded",
+                           code="not_ready", http_status=409)
         return await self._object(job["result"]["poster_key"], None, f"the poster of job {job_id}")
+
+    @app.get("/v1/jobs/{job_id}/preview", responses={
+        **ERROR_RESPONSES, 200: {"content": {"image/jpeg": {}}, "description": "The latest live preview"},
+        204: {"description": "Queued, or running without a preview yet: ask again in a second"}})
+    async def get_preview(self, job_id: str, request: Request):
+        """The latest live preview of a running job: a JPEG strip of `X-Preview-Frames` frames side
+        by side (evenly spread over the clip), as the model predicts the video at denoising step
+        `X-Preview-Step` of `X-Preview-Total`. 204 while the job is queued or before its first
+        preview; 404 `no_preview` once the job has ended (previews are never stored: its video is
+        the result), when the job turned previews off (`preview: false`), or the farm makes none."""
+        job = await self._job(job_id, request)
+        reason = self._no_preview_reason(job)
+        if reason:
+            raise I2VError(f"no preview of job {job_id}: {reason}", code="no_preview", http_status=404)
+        found = await self.manager.preview.remote(job_id) if job["status"] == JobStatus.RUNNING else None
+        if found is None:
+            return Response(status_code=204, headers={"Cache-Control": "no-store", "Retry-After": "1"})
+        return Response(found["image"], media_type=found["media_type"], headers={
+            "Cache-Control": "no-store", "X-Preview-Step": str(found["step"]), "X-Preview-Total": str(found["total"]),
+            "X-Preview-Seq": str(found["seq"]), "X-Preview-Frames": str(preview_frames(job))})
+
+    def _no_preview_reason(self, job: dict[str, Any]) -> str | None:
+        if job["status"] in TERMINAL:
+            return (f"it is {job['status']}; previews exist only while a job runs and are not stored "
+                    f"(the result is at /v1/jobs/{job['id']}/video)")
+        if not job["params"].get("preview", True):
+            return "the job turned previews off (`preview: false`)"
+        if self.settings.preview_interval_s <= 0:
+            return "this farm makes no previews (`preview_interval_s: 0`)"
+        if self.settings.model == SIM:
+            return "the sim model makes no previews (it has no latents)"
+        return None
 
     async def _object(self, key: str, filename: str | None, what: str):
         if self.storage.kind == "file":
@@ -661,7 +445,8 @@ class FarmApi:
     @app.get("/v1/jobs/{job_id}/events", responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
     async def job_events(self, job_id: str, request: Request):
         """Server-sent events: `progress` ({step, total}) and `status` (the whole job) on each
-        change, ending after the job reaches succeeded, failed or canceled."""
+        change, `preview` ({step, total, seq, frames, media_type, image: a data URL, url}) for each
+        live preview while it denoises, ending after the job reaches succeeded, failed or canceled."""
         job = await self._job(job_id, request)
         guard, cred = self.guard, getattr(request.state, "credential", None)
         key = guard.stream_key(request)
@@ -672,7 +457,7 @@ class FarmApi:
                                   headers={"Retry-After": "5"})
 
         async def stream():
-            last_status, last_progress = None, None
+            last_status, last_progress, last_preview = None, None, None
             current = job
             try:
                 while True:
@@ -686,6 +471,12 @@ class FarmApi:
                     if current.get("progress") != last_progress:
                         last_progress = current.get("progress")
                         yield f"event: progress\ndata: {json.dumps(last_progress)}\n\n"
+                    seq = (current.get("preview") or {}).get("seq")
+                    if seq is not None and seq != last_preview and current["status"] == JobStatus.RUNNING:
+                        last_preview = seq
+                        found = await self.manager.preview.remote(job_id)
+                        if found is not None:
+                            yield f"event: preview\ndata: {json.dumps(preview_event(current, found))}\n\n"
                     if current["status"] in TERMINAL:
                         return
                     await asyncio.sleep(EVENT_POLL_S)
@@ -723,6 +514,15 @@ class FarmApi:
         ]
         return info
 
+    @app.get("/v1/adapters", responses=ERROR_RESPONSES)
+    async def adapters(self):
+        """The registered LoRA adapters (`adapters_url`): name, rank, alpha, bytes, sha256,
+        target_modules, note, created_at. A job names them in `lora` (docs/adapters.md)."""
+        reply = await self.manager.adapters.remote()
+        if "error" in reply:
+            return _reply(reply)
+        return reply
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(self):
         """Prometheus scrape target: the job manager keeps the farm's metrics (monitoring/metrics.py)."""
@@ -756,14 +556,7 @@ class FarmApi:
         classes that holds the peak-VRAM estimate; `seconds` is the cost model's time on that
         class's GPU. A job no class can hold answers `fits: false` and the reason (no error).
         """
-        try:
-            data = json.loads(await _read_body(request, 2**20, "an estimate needs only the fields") or b"{}")
-        except ValueError as exc:
-            raise ApiError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        except RecursionError:
-            raise ApiError("the body is not valid JSON: nested too deeply", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise ApiError("the JSON body must be an object", code="invalid_json")
+        data = json_body(await read_body(request, 2**20, "an estimate needs only the fields"), empty={})
         data.pop("image", None)  # only its size matters, and that is width/height
         reply = estimate_request(self.settings, data)
         _check_priority(caller_of(request), reply["params"].get("priority"))
@@ -789,7 +582,7 @@ class FarmApi:
         job = await self.manager.get.remote(job_id) if _JOB_ID.fullmatch(job_id) else None
         caller = caller_of(request)
         if job is None or not (caller.admin or job.get("owner") == caller.name):
-            raise ApiError(f"no job {job_id[:64]}", code="not_found", status=404)
+            raise I2VError(f"no job {job_id[:64]}", code="not_found", http_status=404)
         return job
 
     @app.get("/v1/me", response_model=Me, responses=ERROR_RESPONSES)
@@ -814,20 +607,20 @@ class FarmApi:
         own origin when a browser sends it."""
         ctype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if ctype not in LOGIN_TYPES:
-            raise ApiError(f"send the token as application/json ({{\"token\": ...}}) or a urlencoded form, "
-                           f"not {ctype or 'no content type'!r}", code="unsupported_media_type", status=415)
-        body = await _read_body(request, LOGIN_MAX_BYTES, "a login needs only the token", chunked=True)
-        token = None
-        try:
-            if ctype == "application/json":
-                data = json.loads(body or b"{}")
-                token = data.get("token") if isinstance(data, dict) else None
-            else:
-                from urllib.parse import parse_qs
+            raise I2VError(f"send the token as application/json ({{\"token\": ...}}) or a urlencoded form, "
+                           f"not {ctype or 'no content type'!r}", code="unsupported_media_type", http_status=415)
+        body = await read_body(request, LOGIN_MAX_BYTES, "a login needs only the token", chunked=True)
+        invalid = "the body is not valid JSON or form data"
+        if ctype == "application/json":
+            data = json_body(body, empty={}, invalid=invalid, objects=False)
+            token = data.get("token") if isinstance(data, dict) else None
+        else:
+            from urllib.parse import parse_qs
 
+            try:
                 token = (parse_qs(body.decode(), max_num_fields=8).get("token") or [None])[0]
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            raise ApiError("the body is not valid JSON or form data", code="invalid_json") from None
+            except (ValueError, UnicodeDecodeError):
+                raise I2VError(invalid, code="invalid_json") from None
         token = token.strip() if isinstance(token, str) else None
         caller = self.guard.tokens.verify(token) if self.guard.enabled else ANONYMOUS
         if caller is None:
@@ -854,14 +647,12 @@ class FarmApi:
     async def docs(self):
         """The API's OpenAPI page: swagger-ui from the `fastapi-offline` package, nothing from a CDN."""
         if not self.settings.api_docs:
-            raise ApiError("the API page is off on this farm (`api_docs: false`); the API is at /openapi.json",
-                           code="not_found", status=404)
-        return Response(DOCS_HTML, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+            raise I2VError("the API page is off on this farm (`api_docs: false`); the API is at /openapi.json",
+                           code="not_found", http_status=404)
+        return docs_page()
 
     @app.get("/docs/{name}", include_in_schema=False)
     async def docs_asset(self, name: str):
-        path = _docs_files().get(name) if self.settings.api_docs else None
-        if path is None:
-            raise ApiError(f"no docs asset {name!r}", code="not_found", status=404)
-        return FileResponse(path, media_type=WEB_TYPES.get(path.suffix, "application/octet-stream"),
-                            headers={"Cache-Control": "max-age=86400"})
+        if not self.settings.api_docs:
+            raise I2VError(f"no docs asset {name!r}", code="not_found", http_status=404)
+        return docs_file(name)

@@ -47,6 +47,14 @@ def worker_deployment(settings: FarmSettings, class_name: str):
     return serve.deployment(Worker).options(**options)
 
 
+def affinity_env(settings: FarmSettings) -> dict[str, str]:
+    """The job manager's handles route a LoRA job by Serve's model multiplexing (the adapter set as
+    the model id): a free replica holding the set first, then the replicas holding the fewest sets,
+    and any replica once Serve's matching timeout (drawn from [T, 2T]) has passed. T is half of
+    `adapter_affinity_wait_s`, so affinity never holds a job back from a free GPU for longer."""
+    return {"RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": f"{settings.adapter_affinity_wait_s / 2:g}"}
+
+
 def build(settings: FarmSettings) -> Application:
     settings = settings.resolved()
     if not any(w.max_replicas > 0 for w in settings.workers.values()):
@@ -59,7 +67,8 @@ def build(settings: FarmSettings) -> Application:
         name="JobManager",
         num_replicas=1,
         max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.01}},
+        ray_actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.01},
+                           "runtime_env": {"env_vars": affinity_env(settings)}},
     ).bind(data, workers)
     ingress = serve.deployment(FarmApi).options(
         name="FarmApi",

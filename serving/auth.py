@@ -18,6 +18,8 @@ id (never the token); the session lives `session_ttl_s` in the ingress replica's
 with `POST /v1/logout`, when its token is revoked, or when the farm restarts.
 
 The tokens file is re-read when it changes, so tokens can be added or revoked while the farm runs.
+`token create` also makes the token's webhook secret (printed once; stored in clear, mode 0600,
+in `webhook_secrets.json` beside the tokens file, since the farm signs with it: `serving.webhooks`).
 With access control off every caller is the admin `anonymous`.
 """
 
@@ -451,6 +453,13 @@ def add_commands(subparsers) -> None:
     revoke = sub.add_parser("revoke", help="revoke a token by name")
     revoke.add_argument("name")
     revoke.set_defaults(func=cmd_token)
+    secret = sub.add_parser("webhook-secret", help="print the farm's webhook secret, or make a new one for a token",
+                            description="Without NAME: print the farm's webhook secret (it signs the webhooks of jobs "
+                                        "sent without a token, and of tokens that have no secret of their own). With "
+                                        "NAME: make a new webhook secret for that token (the old one stops signing) "
+                                        "and print it once. See docs/webhooks.md.")
+    secret.add_argument("name", nargs="?")
+    secret.set_defaults(func=cmd_token)
 
 
 def tokens_path(settings) -> Path:
@@ -475,6 +484,21 @@ def cmd_token(args) -> int:
             raise I2VError(str(exc), field="name") from None
         print(token)
         print(f"token {args.name!r} saved (hashed) in {store.path}; it is shown only now", file=sys.stderr)
+        hook_secret = _webhook_secrets(settings).create(args.name)  # stored: the farm signs with it
+        print(f"webhook secret of {args.name!r} (verifies the X-I2V-Signature of its jobs' webhooks; shown only "
+              f"now): {hook_secret}", file=sys.stderr)
+    elif args.token_command == "webhook-secret":
+        secrets_store = _webhook_secrets(settings)
+        if args.name is None:
+            print(secrets_store.farm_secret())
+            print(f"the farm's webhook secret ({secrets_store.path}): it signs webhooks of jobs sent without a token "
+                  "and of tokens without a secret of their own", file=sys.stderr)
+        else:
+            if not any(e["name"] == args.name for e in store.entries()):
+                raise I2VError(f"no token named {args.name!r}", field="name")
+            print(secrets_store.create(args.name))
+            print(f"new webhook secret of {args.name!r} (the old one no longer signs); it is shown only now",
+                  file=sys.stderr)
     elif args.token_command == "list":
         for e in store.entries():
             print(f"{e['name']}\t{'admin' if e.get('admin') else 'user'}\t{e['rate_per_min']:g}/min\t"
@@ -484,5 +508,13 @@ def cmd_token(args) -> int:
     else:
         if not store.revoke(args.name):
             raise I2VError(f"no token named {args.name!r}", field="name")
+        _webhook_secrets(settings).remove(args.name)
         print(f"token {args.name!r} revoked (its web sessions and event streams end within a second)")
     return 0
+
+
+def _webhook_secrets(settings):
+    """The webhook secrets beside the tokens file (`serving.webhooks.SecretStore`)."""
+    from .webhooks import SecretStore, secrets_path
+
+    return SecretStore(secrets_path(settings))

@@ -27,6 +27,7 @@ from .config import FarmSettings
 SIM = "sim"
 
 ProgressFn = Callable[[int, int], None]
+PreviewFn = Callable[[int, int, bytes, float], None]
 CancelFn = Callable[[], bool]
 
 
@@ -53,17 +54,24 @@ class ModelBackend:
         self.generator = Generator(self.model, MemoryOptions(decode_chunk_size=settings.decode_chunk_size,
                                                              attention=settings.attention))
         self.name = settings.model
+        self.preview_interval_s = settings.preview_interval_s
+        self.preview_max_side = settings.preview_max_side
 
     def run(
         self, job_id: str, image_bytes: bytes, params: GenerationParams, out_dir: Path,
-        progress: ProgressFn, cancel: CancelFn,
+        progress: ProgressFn, cancel: CancelFn, preview: PreviewFn | None = None,
     ) -> BackendResult:
+        """`preview(step, total, jpeg, seconds)`: live previews every `preview_interval_s`, unless the job
+        turned them off (`params.preview`) or the farm did (interval 0)."""
         from pipeline.render import render
 
         image = load_image(image_bytes)
+        if not params.preview or self.preview_interval_s <= 0:
+            preview = None
         out = render(
             self.generator, image, params, out_dir, job_id=job_id, image_bytes=image_bytes,
-            progress=progress, cancel=cancel,
+            progress=progress, cancel=cancel, preview=preview, preview_interval_s=self.preview_interval_s,
+            preview_max_side=self.preview_max_side,
         )
         peak = out.record["peak_memory_bytes"] if out.record["peak_memory_kind"].startswith("cuda") else None
         return BackendResult(video_path=out.video_path, record=out.record, peak_vram_bytes=peak,
@@ -84,8 +92,9 @@ class SimBackend:
 
     def run(
         self, job_id: str, image_bytes: bytes, params: GenerationParams, out_dir: Path,
-        progress: ProgressFn, cancel: CancelFn,
+        progress: ProgressFn, cancel: CancelFn, preview: PreviewFn | None = None,
     ) -> BackendResult:
+        """`preview` is never called: the sim model has no latents to preview."""
         from pipeline.cost_model import Workload, estimate
         from pipeline.video import encode_mp4
 

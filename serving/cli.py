@@ -7,6 +7,9 @@
     i2v-farm join      print the `ray start` line that joins this GPU node to a fleet
     i2v-farm gc        delete results older than a cut-off from storage
     i2v-farm token     create, list or revoke API tokens
+    i2v-farm simulate  simulate a fleet on a workload trace (virtual time)
+    i2v-farm plan      the cheapest fleet that meets an interactive p95 wait
+    i2v-farm adapters  register (add) and list LoRA adapters
     i2v-farm generate  render one image to an MP4 on this machine, no farm (pipeline)
     i2v-farm estimate  predict peak VRAM and time of a request           (pipeline)
 
@@ -23,7 +26,8 @@ from cluster.join import add_join_command
 from pipeline import cli as pipeline_cli
 from pipeline.errors import I2VError
 
-from . import auth, client, launcher, retention
+from . import adapters_cli, auth, client, launcher, retention
+from .fleet import cli as fleet_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_join_command(sub)
     retention.add_commands(sub)
     auth.add_commands(sub)
+    fleet_cli.add_commands(sub)
+    adapters_cli.add_commands(sub)
     pipeline_cli.add_commands(sub)
     return parser
 

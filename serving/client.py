@@ -1,4 +1,6 @@
-"""`i2v-farm submit` and `i2v-farm status`: a small client of the farm's HTTP API (stdlib only).
+"""`FarmClient`, the one client of the farm's HTTP API (stdlib only), and the commands built on it
+(`i2v-farm submit`, `status`, `cancel`). The batch runner (`serving.batch`), the harness's
+readiness wait (`serving.harness`), the benches and the integration tests' `Farm` use it too.
 
     i2v-farm submit --image cat.png --prompt "A cat turning its head" --wait
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import os
 import sys
@@ -62,7 +65,38 @@ class CredentialSafeRedirects(urllib.request.HTTPRedirectHandler):
         return new
 
 
+class Reply:
+    """One answer of the farm: `status`, `payload` (the JSON it carried, decoded; else the bytes),
+    `headers` (case-insensitive), `body` (the bytes). Unpacks as `(status, payload, headers)`;
+    `status_code`, `json()` and `text` read as `requests`' do."""
+
+    __slots__ = ("status", "payload", "headers", "body")
+
+    def __init__(self, status: int, payload: Any, headers: Any, body: bytes):
+        self.status, self.payload, self.headers, self.body = status, payload, headers, body
+
+    def __iter__(self):
+        return iter((self.status, self.payload, self.headers))
+
+    def __repr__(self) -> str:
+        return f"Reply({self.status}, {self.text[:200]!r})"
+
+    @property
+    def status_code(self) -> int:
+        return self.status
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return self.payload if not isinstance(self.payload, bytes) else json.loads(self.body)
+
+
 class FarmClient:
+    """The farm's HTTP API: `request` answers every status as a `Reply`; `call` returns the payload
+    of a success and raises `FarmClientError` (the farm's code, message and field) otherwise."""
+
     def __init__(self, url: str = DEFAULT_URL, timeout: float = 60, token: str | None = None):
         """`token` (default: $I2V_TOKEN) is sent as `Authorization: Bearer` when the farm wants one."""
         self.token = token if token is not None else os.environ.get("I2V_TOKEN") or None
@@ -71,7 +105,9 @@ class FarmClient:
         self._opener = urllib.request.build_opener(CredentialSafeRedirects)
 
     def request(self, method: str, path: str, body: dict | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+                headers: dict[str, str] | None = None) -> Reply:
+        """`method path` with `body` as JSON; a `Reply` whatever the status (`FarmClientError` only
+        when the farm cannot be reached)."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json",
@@ -80,16 +116,16 @@ class FarmClient:
         try:
             with self._opener.open(req, timeout=self.timeout) as resp:
                 raw = resp.read()
-                status, hdrs = resp.status, dict(resp.headers)
+                status, hdrs = resp.status, resp.headers
         except urllib.error.HTTPError as exc:
-            raw, status, hdrs = exc.read(), exc.code, dict(exc.headers)
-        except (urllib.error.URLError, OSError) as exc:
+            raw, status, hdrs = exc.read(), exc.code, exc.headers
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # no (whole) answer
             reason = getattr(exc, "reason", exc)
             raise FarmClientError(
                 f"cannot reach the farm at {self.url}: {reason} (is `i2v-farm up` running?)") from None
-        ctype = hdrs.get("content-type", hdrs.get("Content-Type", ""))
+        ctype = hdrs.get("content-type", "")  # an http.client message: names are case-insensitive
         payload = json.loads(raw) if ctype.startswith("application/json") else raw
-        return status, payload, hdrs
+        return Reply(status, payload, hdrs, raw)
 
     def call(self, method: str, path: str, body: dict | None = None, headers=None) -> Any:
         status, payload, hdrs = self.request(method, path, body, headers)
@@ -136,6 +172,12 @@ def add_commands(subparsers) -> None:
     sub.add_argument("--wait", action="store_true", help="wait with a progress bar and download the MP4")
     sub.add_argument("--out", default=".", help="directory for the MP4 with --wait (default: here)")
     sub.add_argument("--idempotency-key", help="retrying with the same key never makes a second job")
+    sub.add_argument("--webhook", metavar="URL", help="https URL the farm POSTs the job to when it ends "
+                     "(signed; docs/webhooks.md)")
+    sub.add_argument("--webhook-events", dest="webhook_events", metavar="EVENTS",
+                     help="which endings call the webhook: succeeded,failed,canceled or all (default all)")
+    sub.add_argument("--no-reuse", dest="reuse", action="store_false", default=None,
+                     help="render even when an identical earlier job (same image, settings and seed) succeeded")
     sub.set_defaults(func=cmd_submit)
 
     st = subparsers.add_parser("status", help="show a job (or the farm) of a running farm")
@@ -163,11 +205,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     fields = request_fields(args, names=("negative_prompt", "preset", "resolution", "num_frames", "fps", "target_fps",
                                          "num_inference_steps", "guidance_scale", "seed", "scheduler", "priority"))
     fields["prompt"] = prompt
+    fields.update({k: v for k in ("webhook", "webhook_events", "reuse") if (v := getattr(args, k, None)) is not None})
     client = FarmClient(args.url)
     job = client.submit(image, fields, args.idempotency_key)
     est = job["estimate"]
     print(f"job {job['id']} {job['status']} on class {job['vram_class']} "
-          f"(estimate: {est['vram_bytes'] / 2**30:.1f} GiB, {est['seconds']:.0f} s on that GPU)")
+          f"(estimate: {est['vram_bytes'] / 2**30:.1f} GiB, {est['seconds']:.0f} s on that GPU)"
+          + (f"; reused the result of job {job['reused_from']}" if job.get("reused_from") else ""))
     if not args.wait:
         print(f"follow it: i2v-farm status {job['id']}   or   {args.url}{job['links']['self']}")
         return 0

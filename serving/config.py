@@ -145,6 +145,12 @@ class FarmSettings(BaseModel):
         description="Fair-share weight per caller name (default 1); `I2V_SHARE_WEIGHTS` as JSON, "
         'e.g. {"render-team": 2}.',
     )
+    spill_rule: Literal["earliest_finish", "idle"] = Field(
+        "earliest_finish", description="With `spill` on, where a job runs: `earliest_finish` (the class "
+        "among its own and those it may spill to that would finish it first, counting the work queued and "
+        "running there) or `idle` (the rule before issue 16: its own class, or a larger one with an idle GPU "
+        "when its own has none).",
+    )
     progress_interval_s: float = Field(
         0.25, ge=0, le=60, description="Least time between two progress events a worker sends for one job "
         "(the first and last steps always go); 0 sends every step.",
@@ -166,6 +172,10 @@ class FarmSettings(BaseModel):
     adapter_affinity_wait_s: float = Field(
         10.0, ge=0, le=3600, description="Longest a job waits for a worker that already holds its adapters "
         "while a worker of its class without them is free.",
+    )
+    adapter_affinity: bool = Field(
+        True, description="Route a job with LoRA adapters to a free worker of its class that holds them "
+        "(Serve model multiplexing; off: plain routing, for comparison).",
     )
     webhook_retry_s: float = Field(
         3600.0, ge=0, le=7 * 24 * 3600, description="How long a failing webhook delivery is retried "

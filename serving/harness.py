@@ -8,11 +8,8 @@ the tear-down. Used by `i2v-farm up` (serving/launcher.py), the integration test
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,16 +34,20 @@ def start_serve(host: str = "127.0.0.1", port: int | None = None) -> int:
 
 def readyz(url: str, timeout: float = 10) -> tuple[int, dict[str, Any] | str]:
     """(status, JSON body or the error text) of `GET url/readyz`; status 0 when unreachable."""
+    from .client import FarmClient, FarmClientError
+
     try:
-        with urllib.request.urlopen(url + "/readyz", timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, json.loads(exc.read())["error"]["message"]
-        except Exception:  # noqa: BLE001 - any body: report the status
-            return exc.code, f"HTTP {exc.code}"
-    except OSError as exc:
-        return 0, str(exc)
+        status, payload, _ = FarmClient(url, timeout=timeout, token="").request("GET", "/readyz")
+    except FarmClientError as exc:
+        return 0, exc.message
+    except ValueError as exc:  # a JSON content type with a body that is not JSON
+        return 0, f"unreadable answer: {exc}"
+    if status == 200:
+        return status, payload if isinstance(payload, dict) else {}
+    try:
+        return status, payload["error"]["message"]
+    except Exception:  # noqa: BLE001 - any body: report the status
+        return status, f"HTTP {status}"
 
 
 def wait_ready(url: str, replicas: Mapping[str, int] | None = None, timeout: float = 120, *,

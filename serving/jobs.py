@@ -6,8 +6,8 @@
 - `FailureKind`: how an attempt on a worker failed (what the scheduler decides on), and
   `ErrorCode`: the codes a job's `failures` and `error` carry for them.
 - `RenderRequest`: what the job manager sends a worker (`Worker.run`).
-- The events a worker streams back (`StartedEvent`, `ProgressEvent`, `DoneEvent`, `ErrorEvent`,
-  `CanceledEvent`): the worker builds them, the manager reads them with `parse_worker_event`,
+- The events a worker streams back (`StartedEvent`, `ProgressEvent`, `PreviewEvent`, `DoneEvent`,
+  `ErrorEvent`, `CanceledEvent`): the worker builds them, the manager reads them with `parse_worker_event`,
   which refuses a malformed event with a `WorkerEventError` naming what is wrong.
 
 Every enum is a `str` subclass, so JSON, SQLite and the HTTP API see the same strings as before;
@@ -196,6 +196,18 @@ class ProgressEvent(_Event):
     total: int = Field(ge=0)
 
 
+class PreviewEvent(_Event):
+    """A live preview (`pipeline.preview`): a JPEG strip of the clip as the model sees it at `step`.
+    The manager keeps only the latest one per running job, in memory (never stored)."""
+
+    event: Literal["preview"] = "preview"
+    step: int = Field(ge=0)
+    total: int = Field(ge=0)
+    image: bytes = Field(max_length=4 * 2**20, description="The preview image (`media_type`).")
+    media_type: str = "image/jpeg"
+    seconds: float = Field(0.0, ge=0, description="What making it took on the worker.")
+
+
 class DoneEvent(_Event):
     """Rendered. `uploaded: False`: storage was unreachable, the files wait in the worker's spool
     (the job is `running`, detail `uploading`, until the manager hears `upload_finished`)."""
@@ -208,6 +220,8 @@ class DoneEvent(_Event):
     model: str | None = None
     uploaded: bool = True
     upload_error: str | None = None
+    adapters: dict[str, Any] | None = Field(
+        None, description="LoRA adapter loads of the job: {hits, misses, load_seconds} (None: no adapters).")
 
 
 class ErrorEvent(_Event):
@@ -228,13 +242,14 @@ class CanceledEvent(_Event):
     event: Literal["canceled"] = "canceled"
 
 
-WorkerEvent = Annotated[Union[StartedEvent, ProgressEvent, DoneEvent, ErrorEvent, CanceledEvent],
+WorkerEvent = Annotated[Union[StartedEvent, ProgressEvent, PreviewEvent, DoneEvent, ErrorEvent, CanceledEvent],
                         Field(discriminator="event")]
-EVENT_NAMES: tuple[str, ...] = ("started", "progress", "done", "error", "canceled")
+EVENT_NAMES: tuple[str, ...] = ("started", "progress", "done", "error", "canceled", "preview")
 _EVENTS: TypeAdapter[Any] = TypeAdapter(WorkerEvent)
 
 
-def parse_worker_event(data: Any) -> StartedEvent | ProgressEvent | DoneEvent | ErrorEvent | CanceledEvent:
+def parse_worker_event(
+        data: Any) -> StartedEvent | ProgressEvent | PreviewEvent | DoneEvent | ErrorEvent | CanceledEvent:
     """One event as a worker streamed it (a dict), typed; `WorkerEventError` if it is malformed."""
     if isinstance(data, _Event):
         return data  # type: ignore[return-value]
@@ -283,6 +298,12 @@ class JobRecord(BaseModel):
     attempts: int = 0
     created_at: str
     seq: int | None = None
+    # webhooks and result reuse (issue 18; serving/webhooks.py, serving/reuse.py)
+    webhook: dict[str, Any] | None = Field(None, description="{url, events}: where the job's end is POSTed.")
+    deliveries: list[dict[str, Any]] | None = Field(None, description="Its webhook deliveries (id, event, state, "
+                                                    "attempts, last_status, last_error, delivered_at).")
+    reuse_key: str | None = Field(None, description="SHA-256 of what makes its video (explicit seed only).")
+    reused_from: str | None = Field(None, description="The job whose stored result this one answered with.")
 
     @property
     def finished(self) -> bool:

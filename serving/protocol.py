@@ -23,6 +23,12 @@ class JobRequest(GenerationParams):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     image: str = Field(description="The input image (JPEG, PNG or WEBP), base64 or a data: URL.")
+    webhook: str | None = Field(None, description="https URL the farm POSTs the job's JSON to when it ends "
+                                "(signed: docs/webhooks.md); http only to hosts in egress_allow.")
+    webhook_events: list[Literal["succeeded", "failed", "canceled", "all"]] | None = Field(
+        None, description="Which endings call the webhook (default: all).")
+    reuse: bool = Field(True, description="Answer with the stored result of an identical earlier job (same image, "
+                        "parameters, explicit seed, model) when there is one; false: always render.")
 
 
 class Progress(BaseModel):
@@ -77,6 +83,11 @@ class Job(BaseModel):
     error: ErrorInfo | None = None
     created_at: str
     queue_position: int | None = Field(None, description="1 = next in its class queue (queued jobs only).")
+    reused_from: str | None = Field(None, description="The earlier identical job whose stored result this job "
+                                    "answered with (no GPU ran).")
+    deliveries: list[dict[str, Any]] | None = Field(None, description="Webhook deliveries: id, event, state "
+                                                    "(pending, delivered, failed), attempts, last_status, "
+                                                    "last_error, delivered_at.")
     links: Links
 
 

@@ -5,7 +5,8 @@ class resource, so Ray places it only on a node of that class. The model is load
 replica. A replica runs one job at a time (`max_ongoing_requests=1`); `run()` streams events:
 
     {"event": "started", "node", "replica", "vram_class", "pid", "threads"}
-    {"event": "progress", "step", "total"}             after every denoising step
+    {"event": "progress", "step", "total"}             first and last step, between them one per `progress_interval_s`
+    {"event": "preview", "step", "total", "image", ...} a live preview (JPEG), every `preview_interval_s`
     {"event": "done", "result", "timings", "peak_vram_bytes", "uploaded", ...}
     {"event": "error", "code", "message"}              out_of_memory, generation_failed, ...
 
@@ -43,6 +44,8 @@ import os
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,10 +55,20 @@ from monitoring.metrics import WorkerStats
 from pipeline.errors import GenerationCanceled, I2VError, OutOfMemory
 from pipeline.request import GenerationParams
 
+from .adapter_runtime import WorkerAdapters
 from .backends import SIM, make_backend
 from .config import FarmSettings
 from .files import apply_umask
-from .jobs import CanceledEvent, DoneEvent, ErrorCode, ErrorEvent, ProgressEvent, RenderRequest, StartedEvent
+from .jobs import (
+    CanceledEvent,
+    DoneEvent,
+    ErrorCode,
+    ErrorEvent,
+    PreviewEvent,
+    ProgressEvent,
+    RenderRequest,
+    StartedEvent,
+)
 from .storage import PARAMS_NAME, POSTER_NAME, VIDEO_NAME, StorageUnavailable, open_storage
 from .uploader import BackgroundUploader, Spool
 
@@ -217,6 +230,35 @@ def attach_worker_reports(info: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+#: Adapter sets (multiplexed model ids) a replica advertises to Serve's router, most recent first.
+ADAPTER_SETS_PER_REPLICA = 16
+
+
+def _multiplexed(count: int):
+    from ray import serve
+
+    return serve.multiplexed(max_num_models_per_replica=count)
+
+
+class ProgressThrottle:
+    """Which denoising steps a worker reports: the first and the last always, the others at most
+    one per `interval` seconds (0: every step). Each event carries the latest step, so a client
+    still sees where the job is; per-step events were most of the job manager's work (30 stream
+    items a job through Serve), and a fast GPU finishes a step in well under a second."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self._last: float | None = None
+
+    def due(self, step: int, total: int) -> bool:
+        now = self.clock()
+        if self._last is not None and step < total and now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
+
+
 class Worker:
     """Decode request -> predict -> encode response, for one GPU of one class."""
 
@@ -233,6 +275,7 @@ class Worker:
         self.replica = ray.get_runtime_context().get_actor_name()
         self.worker_stats = WorkerStats.for_ray_actor(self.vram_class.memory_bytes)  # rides on events (metrics)
         self.backend = make_backend(self.settings, self.vram_class)
+        self.adapters = WorkerAdapters(self.settings, self.backend, sim=self.settings.model == SIM)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
         from pipeline.loading import cache_dir
 
@@ -287,17 +330,25 @@ class Worker:
         """Render one job (a `serving.jobs.RenderRequest` as a dict), streaming events (dicts of
         the `serving.jobs` worker events)."""
         job = RenderRequest.parse(job)
+        await self._hold_adapter_set()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         canceled = threading.Event()
 
+        throttle = ProgressThrottle(self.settings.progress_interval_s)
+
         def progress(step: int, total: int) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ProgressEvent(step=step, total=total).to_dict())
+            if throttle.due(step, total):
+                loop.call_soon_threadsafe(events.put_nowait, ProgressEvent(step=step, total=total).to_dict())
+
+        def preview(step: int, total: int, image: bytes, seconds: float) -> None:  # every preview_interval_s
+            event = PreviewEvent(step=step, total=total, image=image, seconds=round(seconds, 4)).to_dict()
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
         yield self.worker_stats.annotate(StartedEvent(node=self.node, replica=self.replica,
                                                       vram_class=self.vram_class.name, pid=os.getpid(),
                                                       threads=self._report["threads"]).to_dict())
-        future = loop.run_in_executor(self._pool, self._render, job, progress, canceled.is_set)
+        future = loop.run_in_executor(self._pool, self._render, job, progress, canceled.is_set, preview)
         try:
             while not future.done() or not events.empty():
                 getter = asyncio.ensure_future(events.get())
@@ -328,13 +379,53 @@ class Worker:
             return ErrorEvent(code=ErrorCode.GENERATION_FAILED.value,
                               message=f"{type(exc).__name__}: {exc}").to_dict()
 
-    def _render(self, job: RenderRequest, progress, cancel) -> dict[str, Any]:
+    async def _hold_adapter_set(self) -> None:
+        """Tell Serve this replica holds the job's adapter set (its multiplexed model id, set by
+        the job manager), so the router prefers it for the next job with the same set."""
+        try:
+            from ray import serve
+
+            model_id = serve.get_multiplexed_model_id()
+        except Exception:  # noqa: BLE001 - outside Serve (tests)
+            return
+        if model_id:
+            self._loop = asyncio.get_running_loop()
+            await self._adapter_set(model_id)
+
+    def _prune_adapter_sets(self) -> None:
+        """Stop advertising adapter sets whose weights the byte-bounded cache has evicted (Serve's
+        own LRU counts sets, not bytes). Uses the multiplex wrapper Serve keeps on this replica;
+        without it (another Ray version) routing falls back to Serve's count-bounded view."""
+        wrapper = getattr(self, "__serve_multiplex_wrapper", None)
+        if wrapper is None:
+            return
+        try:
+            held = {key.split("@", 1)[0] for key in self.adapters.loaded}
+            stale = [mid for mid in list(wrapper.models) if not set(mid.split("+")) <= held]
+            for mid in stale:
+                wrapper.models.pop(mid, None)
+            if stale:
+                wrapper._push_multiplexed_replica_info = True
+        except Exception:  # noqa: BLE001 - routing hints only
+            log.debug("could not prune the advertised adapter sets", exc_info=True)
+
+    @_multiplexed(ADAPTER_SETS_PER_REPLICA)
+    async def _adapter_set(self, model_id: str) -> str:
+        # The weights load in the render thread (`WorkerAdapters`, bounded by bytes); this only
+        # records the id for Serve's routing (its own LRU, bounded by count).
+        return model_id
+
+    def _render(self, job: RenderRequest, progress, cancel, preview=None) -> dict[str, Any]:
         job_id, prefix = job.id, job.prefix
         params = GenerationParams.model_validate(job.params)
         with tempfile.TemporaryDirectory(prefix=".render-", dir=self.spool.root) as tmp:
-            out = self.backend.run(job_id, job.image, params, Path(tmp), progress, cancel)
+            with self.adapters.applied(params) as adapter_stats:  # LoRA adapters (docs/adapters.md)
+                out = self.backend.run(job_id, job.image, params, Path(tmp), progress, cancel, preview=preview)
+            if adapter_stats is not None and adapter_stats.evicted and getattr(self, "_loop", None):
+                self._loop.call_soon_threadsafe(self._prune_adapter_sets)
             record = {
                 **out.record,
+                **({"adapter_cache": adapter_stats.to_dict()} if adapter_stats is not None else {}),
                 "vram_class": self.vram_class.name,
                 "node": self.node,
                 "attempt": job.attempt,
@@ -358,6 +449,7 @@ class Worker:
                 "peak_vram_bytes": out.peak_vram_bytes,
                 "device": record.get("device"),
                 "model": record["model"].get("name"),
+                **({"adapters": adapter_stats.to_dict()} if adapter_stats is not None else {}),
             }
             self.spool.add(job_id, prefix, {
                 VIDEO_NAME: out.video_path,

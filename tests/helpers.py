@@ -66,3 +66,33 @@ def http_server(respond):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, seen, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def webhook_receiver(respond=lambda seen: 200, port: int = 0):
+    """A loopback HTTP server that takes POSTs (a webhook receiver) on `port` (0: a free one).
+
+    `respond(seen) -> status` decides each answer (`seen` includes this request). Returns (server,
+    seen, base URL); `seen` lists each request as {"path", "body" (bytes), "headers" (lower-cased
+    names), "at" (time.time())}. Call `server.shutdown()` and `server.server_close()` when done."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            seen.append({"path": self.path, "body": body, "at": time.time(),
+                         "headers": {k.lower(): v for k, v in self.headers.items()}})
+            status = respond(seen)
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, seen, f"http://127.0.0.1:{server.server_address[1]}"

@@ -13,7 +13,7 @@ docs/design/cost-model.md; the numbers: docs/cost-model.md and docs/benchmarks.m
 from __future__ import annotations
 
 from .flops import Coefficients, load_coefficients, stage_flops
-from .predict import MemoryMeasurement, calibrate_memory, estimate, table
+from .predict import ADAPTER_LOAD_OVERHEAD_S, MemoryMeasurement, adapter_cost, calibrate_memory, estimate, table
 from .spec import (
     CALIBRATION_PATH,
     COEFFICIENTS_PATH,
@@ -45,6 +45,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ADAPTER_LOAD_OVERHEAD_S", "adapter_cost",
     "CALIBRATION_PATH", "COEFFICIENTS_PATH", "COMPONENTS", "DEFAULT_CALIBRATION", "DTYPE_BYTES", "FF_MULT",
     "GPUS", "RESOLUTIONS", "STAGE_COMPONENT", "STAGES", "Calibration", "Coefficients", "Estimate", "GiB",
     "GpuSpec", "MemoryMeasurement", "MiB", "Workload", "calibrate_memory", "estimate", "load_calibration",

@@ -180,3 +180,18 @@ def table(
             )
     lines.append("offload: peak VRAM with cpu_offload (seconds then add PCIe transfers).")
     return "\n".join(lines)
+
+
+#: Fixed cost of one LoRA load besides moving its bytes: PEFT wraps the targeted layers and copies
+#: the state dict in (measured: see docs/adapters.md).
+ADAPTER_LOAD_OVERHEAD_S = 0.25
+
+
+def adapter_cost(adapter_bytes: list[int] | tuple[int, ...], calibration: Calibration = DEFAULT_CALIBRATION
+                 ) -> tuple[int, float]:
+    """(extra peak VRAM, seconds on a cache miss) of a job's LoRA adapters (their file sizes):
+    the weights stay on the GPU beside the base model (unmerged), and a miss reads them, wraps the
+    layers and copies them to the device (`offload_bandwidth_bytes_per_s`)."""
+    total = int(sum(adapter_bytes))
+    seconds = len(adapter_bytes) * ADAPTER_LOAD_OVERHEAD_S + total / calibration.offload_bandwidth_bytes_per_s
+    return total, seconds

@@ -4,6 +4,7 @@
 //   POST v1/estimate      VRAM class, peak VRAM and seconds of the settings, before submitting
 //   POST v1/jobs          submit (multipart: the image file and the fields)
 //   GET  v1/jobs/{id}     polled for status, queue position and progress (step i of N)
+//   GET  v1/jobs/{id}/preview  the latest live preview (a JPEG strip) while the job denoises
 //   GET  v1/jobs          the history; v1/jobs/{id}/poster its thumbnails; POST .../cancel
 //   GET  v1/cluster       the farm's classes and queues, in the header
 //
@@ -206,6 +207,17 @@
 
   // ---------------------------------------------------------------------------------- farm info
 
+  async function loadAdapters() {
+    // The registered LoRA adapters, offered as suggestions in Advanced settings.
+    try {
+      const reply = await api("GET", "v1/adapters");
+      $("lora-names").replaceChildren(...reply.adapters.map((a) =>
+        el("option", { value: `${a.name}:1`, text: a.note ? `${a.name} (${a.note})` : a.name })));
+    } catch (err) {
+      // no registry (or no access): the field still takes names typed in
+    }
+  }
+
   async function loadInfo() {
     for (;;) {
       try {
@@ -219,6 +231,7 @@
     }
     clearMessage();
     const info = state.info;
+    loadAdapters();
     renderModelNote(info);
     $("prompt-tips").textContent = info.prompt_tips;
     $("prompt-examples").replaceChildren(...info.prompt_examples.map((text) =>
@@ -308,6 +321,8 @@
       if (raw !== "") out[name] = Number(raw);
     }
     if (!out.negative_prompt) delete out.negative_prompt;
+    const lora = $("lora") ? $("lora").value.trim() : "";
+    if (lora) out.lora = lora;  // NAME:SCALE, ... (the farm parses it; docs/adapters.md)
     return out;
   }
 
@@ -542,6 +557,7 @@
       bar.value = job.status === "succeeded" ? bar.max : (p.step || 0);
     }
     $("job-progress-text").textContent = progressText(job);
+    renderPreview(job);
 
     const cancel = $("job-cancel");
     cancel.hidden = !ACTIVE.includes(job.status);
@@ -572,6 +588,63 @@
     renderRecord(job);
   }
 
+  // Live preview: while the job denoises, v1/jobs/{id}/preview holds a JPEG strip of a few frames
+  // (X-Preview-Frames) of the clip as the model currently predicts it; the canvas plays them in a loop.
+  const PREVIEW_FRAME_MS = 150;
+  const preview = { job: null, seq: null, loading: false, bitmap: null, frames: 1, frame: 0, timer: null };
+
+  function renderPreview(job) {
+    const box = $("job-preview-box");
+    const live = job.status === "running" && job.preview;
+    if (!live) {
+      hidePreview();
+      return;
+    }
+    if (preview.job !== job.id) hidePreview();
+    if (job.preview.seq === preview.seq || preview.loading) return;
+    preview.job = job.id;
+    preview.loading = true;
+    fetch(url(`v1/jobs/${job.id}/preview`), { cache: "no-store" })
+      .then(async (res) => {
+        if (res.status !== 200 || preview.job !== job.id) return;
+        const frames = Number(res.headers.get("X-Preview-Frames")) || 1;
+        const step = res.headers.get("X-Preview-Step");
+        const total = res.headers.get("X-Preview-Total");
+        const bitmap = await createImageBitmap(await res.blob());
+        if (preview.job !== job.id || state.current !== job.id) return;
+        preview.bitmap = bitmap;
+        preview.frames = frames;
+        preview.seq = Number(res.headers.get("X-Preview-Seq")) || job.preview.seq;
+        $("job-preview-text").textContent = `Live preview at step ${step} / ${total} (a rough look: `
+          + "the video is decoded at the end).";
+        box.hidden = false;
+        drawPreview();
+        if (!preview.timer) preview.timer = setInterval(drawPreview, PREVIEW_FRAME_MS);
+      })
+      .catch(() => {}) // a preview is a nicety: the job goes on without it
+      .finally(() => { preview.loading = false; });
+  }
+
+  function drawPreview() {
+    const bitmap = preview.bitmap;
+    if (!bitmap) return;
+    const canvas = $("job-preview");
+    const width = Math.floor(bitmap.width / preview.frames);
+    if (canvas.width !== width || canvas.height !== bitmap.height) {
+      canvas.width = width;
+      canvas.height = bitmap.height;
+    }
+    preview.frame = (preview.frame + 1) % preview.frames;
+    canvas.getContext("2d").drawImage(bitmap, preview.frame * width, 0, width, bitmap.height,
+      0, 0, width, bitmap.height);
+  }
+
+  function hidePreview() {
+    if (preview.timer) clearInterval(preview.timer);
+    Object.assign(preview, { job: null, seq: null, bitmap: null, frames: 1, frame: 0, timer: null });
+    $("job-preview-box").hidden = true;
+  }
+
   function renderRecord(job) {
     const params = job.params || {};
     const r = job.result;
@@ -579,6 +652,7 @@
     const rows = [
       ["Job", job.id],
       ["Status", job.status],
+      job.reused_from && ["Reused from", `job ${job.reused_from} (an identical earlier request: no GPU ran)`],
       ["Prompt", params.prompt],
       params.negative_prompt && ["Negative prompt", params.negative_prompt],
       ["Time", t.total !== undefined || t.queue_to_finish !== undefined
@@ -590,6 +664,7 @@
       ["Node", job.node || "–"],
       job.device && ["Device", job.device],
       ["Seed", params.seed ?? "–"],
+      params.lora && params.lora.length && ["LoRA", params.lora.map((l) => `${l.name} × ${l.scale}`).join(", ")],
       ["Settings", `${params.preset ? params.preset + " · " : ""}${params.resolution} · ${params.num_frames} frames · `
         + `${params.fps} fps · ${params.num_inference_steps} steps · guidance ${params.guidance_scale} · ${params.scheduler}`],
       r && ["Video", `${r.width} × ${r.height} px · ${r.frames} frames · ${r.fps} fps · ${(r.frames / r.fps).toFixed(2)} s · ${fmtBytes(r.bytes)}`],

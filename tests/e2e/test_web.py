@@ -1,9 +1,10 @@
 """The web page as a person uses it: real headless Chromium (Debian's `/usr/bin/chromium`, driven
 by Playwright; no browser download) against `i2v-farm up` started as a process (tiny-random).
 
-Upload an image, pick a preset, generate, watch the video play with the right duration, cancel a
-running job from the history, open the finished one again from the history. A screenshot of the
-finished page is saved under the test's tmp dir and copied to `test-artifacts/web-page.png`.
+Upload an image, pick a preset, generate, watch the video play with the right duration, watch a
+long job's clip form in the live preview, cancel a running job from the history, open the
+finished one again from the history. A screenshot of the finished page is saved under the test's
+tmp dir and copied to `test-artifacts/web-page.png`.
 """
 
 from __future__ import annotations
@@ -143,6 +144,13 @@ def test_page_generates_plays_cancels_and_reopens_from_history(farm, browser, tm
     expect(progress).to_contain_text(re.compile(r"Step \d+ / 50 · .* per step · about .* left"), timeout=90_000)
     second = _job_id_of(page)
     assert second != first
+    # The clip forming: the Output panel plays the job's latest live preview (a strip of frames).
+    live = page.get_by_role("img", name="Live preview of the video forming")
+    expect(live).to_be_visible(timeout=60_000)
+    expect(page.locator("#job-preview-text")).to_contain_text(re.compile(r"Live preview at step \d+ / 50"))
+    # one frame of the strip at a time: 584x440 output -> 73x55 latents -> 160x121 (preview_max_side 160)
+    page.wait_for_function("() => { const c = document.getElementById('job-preview'); "
+                           "return c.width === 160 && c.height === 121 }")
     page.get_by_role("button", name="Generate").click()
     expect(progress).to_contain_text("Queued: position 1 in the 80gb queue")
     third = _job_id_of(page)
@@ -156,6 +164,7 @@ def test_page_generates_plays_cancels_and_reopens_from_history(farm, browser, tm
     expect(running).to_contain_text("canceled")
     expect(page.locator("#job-status")).to_have_text("canceled")
     expect(progress).to_contain_text(re.compile(r"Canceled after step \d+ of 50"))
+    expect(live).to_be_hidden()  # previews live only while a job runs
     expect(running.get_by_role("button", name="Cancel")).to_be_hidden()
     job = requests.get(f"{farm}/v1/jobs/{second}", timeout=30).json()
     assert job["status"] == "canceled" and job["progress"]["step"] < 50, job

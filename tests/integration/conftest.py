@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 
+from serving.client import FarmClient, Reply
 from tests.helpers import make_image
 
 CLUSTER = "12gb:2,24gb:1"
@@ -48,17 +49,23 @@ def png_bytes(width: int = 96, height: int = 80, seed: int = 0) -> bytes:
 
 @dataclass
 class Farm:
-    """A deployed farm application and an HTTP client for it."""
+    """A deployed farm application and its client (`serving.client.FarmClient`, no token; its
+    `Reply` reads as a `requests` response does). `session` is for the tests that send HTTP the
+    client never would (malformed bodies, forms, odd headers)."""
 
     url: str
     settings: object
     sim: object
     session: requests.Session = field(default_factory=requests.Session)
+    client: FarmClient = field(init=False)
 
-    def submit(self, image: bytes | None = None, headers=None, **fields):
+    def __post_init__(self):
+        self.client = FarmClient(self.url, timeout=30, token="")
+
+    def submit(self, image: bytes | None = None, headers=None, **fields) -> Reply:
         body = {"prompt": "waves rolling in", **fields,
                 "image": base64.b64encode(image if image is not None else png_bytes()).decode()}
-        return self.session.post(self.url + "/v1/jobs", json=body, headers=headers, timeout=30)
+        return self.client.request("POST", "/v1/jobs", body, headers)
 
     def submit_ok(self, **fields) -> dict:
         r = self.submit(**fields)
@@ -66,7 +73,7 @@ class Farm:
         return r.json()
 
     def job(self, job_id: str) -> dict:
-        r = self.session.get(f"{self.url}/v1/jobs/{job_id}", timeout=30)
+        r = self.client.request("GET", f"/v1/jobs/{job_id}")
         assert r.status_code == 200, r.text
         return r.json()
 
@@ -81,11 +88,11 @@ class Farm:
                 raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
             time.sleep(0.1)
 
-    def cancel(self, job_id: str):
-        return self.session.post(f"{self.url}/v1/jobs/{job_id}/cancel", timeout=30)
+    def cancel(self, job_id: str) -> Reply:
+        return self.client.request("POST", f"/v1/jobs/{job_id}/cancel")
 
     def cluster(self) -> dict:
-        return self.session.get(self.url + "/v1/cluster", timeout=30).json()
+        return self.client.call("GET", "/v1/cluster")
 
     def node_class(self, node_id: str) -> str:
         for name, ids in self.sim.nodes_by_class().items():

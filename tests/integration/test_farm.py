@@ -25,7 +25,9 @@ LONG_512 = {"resolution": "512p", "num_frames": 16, "num_inference_steps": 100}
 
 @pytest.fixture(scope="module")
 def farm(ray_cluster, tmp_path_factory):
-    farm = deploy(ray_cluster, tmp_path_factory.mktemp("farm"), workers=WORKERS)
+    # `idle` spill rule: these tests pin where a job runs (its home class unless that is full);
+    # the default earliest-finish rule is tested in test_fair_share.py
+    farm = deploy(ray_cluster, tmp_path_factory.mktemp("farm"), workers=WORKERS, spill_rule="idle")
     yield farm
     undeploy()
 

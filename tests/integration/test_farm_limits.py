@@ -49,7 +49,7 @@ def test_full_backlog_answers_429_with_retry_after(small_farm):
 
 def test_out_of_memory_retries_on_the_next_larger_class_then_fails(ray_cluster, tmp_path):
     # The sim model's true peak is 1.5x the estimate: a cost model that underestimates.
-    farm = deploy(ray_cluster, tmp_path, sim_vram_factor=1.5,
+    farm = deploy(ray_cluster, tmp_path, sim_vram_factor=1.5, spill_rule="idle",  # first try: its home class
                   workers={"12gb": {"min_replicas": 1, "max_replicas": 1},
                            "24gb": {"min_replicas": 1, "max_replicas": 1}})
     try:

@@ -5,7 +5,7 @@ Already covered elsewhere: a worker replica killed mid-job and a farm restart (`
 out of memory retried then failed (test_farm_limits.py), the S3 store down mid-run
 (test_storage_s3.py). Here: a whole GPU node removed mid-job, the job manager's process killed
 mid-run, a job that keeps killing its worker, and the worker kill and farm restart again with the
-real model code (`tiny-random`), checking the MP4 each leaves in storage.
+real model code (`tiny-random`, `slow`: `make test-all`), checking the MP4 each leaves in storage.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import ray
 
+from serving import harness
 from tests.helpers import ffprobe
 from tests.integration.conftest import deploy, png_bytes, undeploy
 
@@ -46,13 +48,7 @@ def _stored_video(farm, job: dict) -> dict:
 
 
 def _wait_for_replicas(farm, wanted: dict[str, int], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = farm.session.get(farm.url + "/readyz", timeout=10)
-        if r.status_code == 200 and r.json()["replicas"] == wanted:
-            return
-        assert time.monotonic() < deadline, f"replicas not back: {r.text}"
-        time.sleep(0.5)
+    harness.wait_ready(farm.url, wanted, timeout, poll=0.5)  # FarmNotReady says what it saw
 
 
 # --- sim -----------------------------------------------------------------------------------------
@@ -63,7 +59,7 @@ def test_a_gpu_node_removed_mid_job_loses_no_job(ray_cluster, tmp_path):
     again on another GPU and succeeds, with the lost attempt on record. The shared cluster gets a
     new 12gb node afterwards, and the farm its full replica count, for the tests that follow."""
     sim, _ = ray_cluster
-    farm = deploy(ray_cluster, tmp_path, workers=WORKERS)
+    farm = deploy(ray_cluster, tmp_path, workers=WORKERS, spill_rule="idle")  # the job runs on a 12gb node
     removed = None
     try:
         job = farm.submit_ok(**LONG_512)
@@ -125,7 +121,7 @@ def test_the_job_manager_process_killed_mid_run_loses_no_job(ray_cluster, tmp_pa
         done = [farm.wait(j["id"], timeout=120) for j in jobs]
         assert [d["status"] for d in done] == ["succeeded"] * 5, done
         assert any(d.get("note") == "requeued after a farm restart" for d in done), done
-        listed = farm.session.get(farm.url + "/v1/jobs", params={"limit": 500}, timeout=30).json()["jobs"]
+        listed = farm.client.call("GET", "/v1/jobs?limit=500")["jobs"]
         assert sorted(j["id"] for j in listed) == sorted(j["id"] for j in jobs)  # none lost, none doubled
         for d in done:
             _stored_video(farm, d)
@@ -173,8 +169,13 @@ def test_a_job_that_keeps_killing_its_worker_fails_with_the_reason(ray_cluster, 
 
 
 # --- tiny-random: the real model code on the CPU -----------------------------------------------
+# `slow` (in `make test-all`, not the default run; ~65 s and ~86 s on 2 cores): the same faults
+# with `sim` above and in test_farm.py, the JobManager's recovery in tests/unit/test_manager.py,
+# and the real model rendering in the farm in tests/e2e/test_farm_up.py and test_worker_threads.py
+# cover the default run; these two add the combination, at the price of loading the model twice.
 
 
+@pytest.mark.slow
 def test_tiny_random_worker_killed_mid_job_loses_no_job(ray_cluster, tmp_path, tiny_model):
     farm = deploy(ray_cluster, tmp_path, model="tiny-random", workers=ONLY_12GB)
     try:
@@ -195,6 +196,7 @@ def test_tiny_random_worker_killed_mid_job_loses_no_job(ray_cluster, tmp_path, t
         undeploy()
 
 
+@pytest.mark.slow
 def test_tiny_random_farm_restart_loses_no_job(ray_cluster, tmp_path, tiny_model):
     workers = {"12gb": {"min_replicas": 1, "max_replicas": 1}}
     farm = deploy(ray_cluster, tmp_path, model="tiny-random", workers=workers)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.scheduler import Bound, TraceJob, _two_class_lp, lower_bound, make_trace
+from bench.scheduler import POLICIES, Bound, TraceJob, _two_class_lp, lower_bound, make_trace, replay
 
 ROOT = Path(__file__).resolve().parents[2]
 MACHINES = ("12gb", "12gb", "24gb")  # the bench's cluster: 2 small GPUs, 1 large
@@ -80,6 +80,22 @@ def test_trace_is_deterministic_and_mixed():
     assert all(j.home == "12gb" for j in a if j.resolution == "512p")
 
 
+def test_replay_through_the_scheduler_earliest_finish_is_near_the_bound():
+    trace = make_trace(40, seed=0)  # the bench's default trace
+    bound = lower_bound(trace, 0.05)
+    runs = {name: replay(trace, 0.05, name) for name in POLICIES}
+    for name, run in runs.items():
+        assert run.makespan >= bound.value - 1e-9, name  # every job takes its predicted time: never below
+        assert sum(run.ran.values()) == len(trace)
+    assert runs["pinned"].spilled == 0 and runs["pinned"].makespan >= bound.pinned - 1e-9
+    assert runs["spill"].makespan <= 1.05 * bound.value  # issue 16: at or under 1.05x (the rule before: 1.04)
+    assert runs["spill"].makespan < runs["spill-idle"].makespan < runs["pinned"].makespan
+    # over other seeds too the earliest-finish rule is never worse than the rule before
+    for seed in range(1, 6):
+        trace = make_trace(40, seed=seed)
+        assert replay(trace, 0.05, "spill").makespan <= replay(trace, 0.05, "spill-idle").makespan + 1e-9
+
+
 @pytest.mark.slow
 def test_the_bench_runs_end_to_end():
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
@@ -91,10 +107,10 @@ def test_the_bench_runs_end_to_end():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("policy  makespan s"))
-    table = lines[header + 2:header + 4]  # the policy table: header, rule, one row per policy
+    header = next(i for i, line in enumerate(lines) if line.startswith("policy") and "vs pinned" in line)
+    table = lines[header + 2:header + 5]  # the policy table: header, rule, one row per policy
     rows = {line.split()[0]: line.split() for line in table}
-    assert set(rows) == {"spill", "pinned"}, out
+    assert set(rows) == {"spill", "spill-idle", "pinned"}, out
     for row in rows.values():
         assert float(row[2]) >= 1.0, out  # makespan / LB: the sim sleeps at least the predicted time
         assert row[-1] == "0", out  # no failed job

@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from bench.control_plane import (
+    ENCODES,
+    cpu_by_group,
+    cpu_delta,
+    cpu_rows,
     growth_verdict,
     latency_groups,
     parse_cluster,
     percentile,
+    process_group,
     rate,
     tenths,
 )
@@ -100,6 +108,45 @@ def test_parse_cluster():
     for bad in ("12gb", "12gb:0", ":2"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_cluster(bad)
+
+
+def test_processes_are_grouped_by_the_part_of_the_farm_they_are():
+    assert process_group("ray::ServeReplica:i2v-farm:JobManager.handle_request_with_rejection") == "JobManager"
+    assert process_group("ray::ServeReplica:i2v-farm:FarmApi") == "FarmApi"
+    assert process_group("ray::ServeReplica:i2v-farm:Worker_24gb.handle_request") == "Worker (all)"
+    assert process_group("ray::ProxyActor.receive_asgi_messages") == "Serve proxy"
+    assert process_group("ray::ServeController.listen_for_change") == "Serve controller"
+    assert process_group("/x/ray/core/src/ray/raylet/raylet --raylet_socket_name=/tmp/s") == "Ray core (GCS, raylets)"
+    assert process_group("/usr/bin/ffmpeg -y -f rawvideo -i -") == ENCODES
+    assert process_group("ray::DashboardAgent") == "Ray other"
+
+
+def test_cpu_per_job_rows_are_largest_first_with_a_total():
+    delta = cpu_delta({"JobManager": 1.0, "FarmApi": 2.0}, {"JobManager": 4.0, "FarmApi": 3.0, "Serve proxy": 2.0})
+    assert delta == {"JobManager": 3.0, "FarmApi": 1.0, "Serve proxy": 2.0}
+    rows = cpu_rows(delta, jobs=100, wall_s=10.0)
+    assert [r[0] for r in rows] == ["JobManager", "Serve proxy", "FarmApi", "all"]
+    assert rows[0] == ["JobManager", "3.0", "30.0", "0.30"] and rows[-1] == ["all", "6.0", "60.0", "0.60"]
+    assert cpu_delta(None, {"a": 1.0}) == {}
+
+
+def test_cpu_by_group_counts_this_process_and_its_children():
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ntime.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", busy])
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            cpu = cpu_by_group()
+            if cpu is None:
+                pytest.skip("no /proc here")
+            if cpu.get("Ray other", 0) >= 0.25 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert cpu["Ray other"] >= 0.25  # the child's busy loop, under this process
+        assert cpu["bench (clients)"] > 0
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_manager_alone_accepts_every_job_and_reports_the_first_and_last(capsys):

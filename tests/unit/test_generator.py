@@ -157,7 +157,8 @@ def _diff(a, b):
 
 def test_defaults_leave_every_lever_off():
     o = MemoryOptions()
-    assert (o.channels_last, o.fuse_qkv, o.compile, o.attention_cache) == (False, False, False, 0)
+    assert (o.channels_last, o.fuse_qkv, o.compile, o.attention_cache, o.group_norm) == (False, False, False, 0,
+                                                                                         "native")
 
 
 def test_channels_last_puts_conv_weights_in_nhwc_and_keeps_the_video(tiny_model, baseline_frames):
@@ -178,6 +179,19 @@ def test_fuse_qkv_fuses_every_attention_and_keeps_the_video(tiny_model, baseline
     assert all(isinstance(p, FusedAttnProcessor2_0) for p in gen.pipe.unet.attn_processors.values())
     frames = gen.generate(make_image(seed=2), params(num_inference_steps=10), size=LEVER_SIZE).frames
     assert _diff(frames, baseline_frames).max() <= 1
+
+
+def test_split_group_norm_patches_every_group_norm_and_keeps_the_video(tiny_model, baseline_frames):
+    gen = _fresh_generator(tiny_model, group_norm="split")
+    norms = [m for m in (*gen.pipe.unet.modules(), *gen.pipe.vae.modules()) if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(getattr(m, "_i2v_split", False) for m in norms)
+    frames = gen.generate(make_image(seed=2), params(num_inference_steps=10), size=LEVER_SIZE).frames
+    assert _diff(frames, baseline_frames).max() <= 1
+
+
+def test_group_norm_option_is_checked(tiny_model):
+    with pytest.raises(ValueError, match="group_norm"):
+        _fresh_generator(tiny_model, group_norm="fast")
 
 
 def test_fuse_qkv_needs_sdpa(tiny_model):

@@ -9,7 +9,7 @@ import typing
 
 import pytest
 
-from serving import api, client, job_store, protocol
+from serving import api, client, info, job_store, protocol
 from serving.jobs import (
     ACTIVE,
     FINISHED,
@@ -58,10 +58,10 @@ def test_one_definition_of_finished():
 
 
 def test_the_web_page_gets_the_statuses_from_info():
-    statuses = api.farm_info(settings())["statuses"]
+    statuses = info.farm_info(settings())["statuses"]
     assert statuses == {"all": ["queued", "running", "succeeded", "failed", "canceled"],
                         "active": ["queued", "running"], "finished": ["succeeded", "failed", "canceled"]}
-    js = (api.WEB_DIR / "app.js").read_text()
+    js = (info.WEB_DIR / "app.js").read_text()
     assert '"succeeded", "failed", "canceled"' not in js and "state.info.statuses" in js
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.errors import InvalidRequest
 from pipeline.request import PRESETS, PROMPT_EXAMPLES, output_size
-from serving.api import WEB_DIR, estimate_request, farm_info, model_kind
 from serving.config import FarmSettings
+from serving.info import WEB_DIR, estimate_request, farm_info, model_kind
 
 
 def settings(**kw) -> FarmSettings:
