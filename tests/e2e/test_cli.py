@@ -58,6 +58,7 @@ def test_generate_writes_a_playable_mp4_and_its_record(tmp_path, image_file):
     assert record["device"].startswith("cpu")
 
 
+@pytest.mark.slow  # the file-name rule itself: tests/unit/test_video.py (uniqueness)
 def test_two_runs_never_overwrite(tmp_path, image_file):
     args = ["generate", "--image", str(image_file), "--prompt", "waves", "--preset", "fast", "--steps", "1",
             "--out", "o"]

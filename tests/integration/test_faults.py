@@ -129,6 +129,7 @@ def test_the_job_manager_process_killed_mid_run_loses_no_job(ray_cluster, tmp_pa
         undeploy()
 
 
+@pytest.mark.slow  # the rule itself: tests/unit/test_manager.py (fake worker); this is the same through Ray
 def test_a_job_that_keeps_killing_its_worker_fails_with_the_reason(ray_cluster, tmp_path):
     """A job whose every attempt takes its worker down (a poison input, a driver bug) is not
     retried forever: after `max_attempts` it is `failed`, saying so, with every attempt listed;

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import ray
 
 from tests.integration.conftest import deploy, undeploy
@@ -59,6 +60,7 @@ def test_cpu_worker_computes_on_the_nodes_cores(ray_cluster, tmp_path, tiny_mode
         undeploy()
 
 
+@pytest.mark.slow  # the default (auto) rule runs in the default suite: test_cpu_worker_computes_on_the_nodes_cores
 def test_worker_threads_setting_and_replaced_replicas(ray_cluster, tmp_path):
     farm = deploy(ray_cluster, tmp_path, model="sim", workers=TWO_12GB, worker_threads=3)
     try:
