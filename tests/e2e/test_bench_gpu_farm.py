@@ -25,7 +25,7 @@ def test_gpu_farm_bench_runs_end_to_end_on_the_cpu(tmp_path):
     sequential = result["farm"]["sequential"]
     assert len(sequential) == 2 and sequential[0]["warm_up"] and not sequential[1]["warm_up"]
     assert all(r["vram_class"] for r in sequential) and all(r["video_bytes"] > 0 for r in sequential)
-    assert all(r["params_peak_vram_bytes"] is not None for r in sequential)
+    assert all("params_peak_vram_bytes" in r for r in sequential)  # None on the CPU (no VRAM)
     burst = result["farm"]["concurrent"]
     assert len(burst) == 2 and max(r["queue_s"] for r in burst) >= 0
     assert len(result["in_process"]["rows"]) == 2
