@@ -508,10 +508,11 @@ def run_manager_alone(args: argparse.Namespace, image: bytes) -> dict[str, Any]:
     for ln in lines[start:]:
         print("  " + ln.replace(str(Path.cwd()) + "/", "").replace(sys.prefix + "/", ""))
     buf = io.StringIO()  # the manager's own steps, whole (the input file is written in a thread: not here)
-    pstats.Stats(profile, stream=buf).sort_stats("cumulative").print_stats(r"manager\.py.*\((_?submit|_view)\)")
+    steps = r"serving/manager/.*\((_?submit|_create|_view)\)"
+    pstats.Stats(profile, stream=buf).sort_stats("cumulative").print_stats(steps)
     print("the manager's submission steps (cumulative, this thread):")
     for ln in buf.getvalue().splitlines():
-        if "manager.py" in ln:
+        if "serving/manager/" in ln:
             print("  " + ln.replace(str(Path.cwd()) + "/", "").replace(sys.prefix + "/", ""))
     return {"first": first.__dict__, "last": last.__dict__, "flat": flat, "latencies": latencies, "reads": reads}
 

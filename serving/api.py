@@ -17,9 +17,10 @@
     GET  /, /ui/{file}            the web page (`serving/web`)
     GET  /docs, /openapi.json     the API (swagger-ui from the `fastapi-offline` package; `api_docs`)
 
-Every response carries the security headers of `serving.auth.security_headers` (CSP,
-frame-ancestors 'none', nosniff, no referrer). State-changing requests a browser sends from another
-origin are refused (403 `cross_origin`).
+Access control is `serving.access` (its middleware, the caller of a request, login/logout): every
+response carries the security headers of `serving.auth.security_headers` (CSP, frame-ancestors
+'none', nosniff, no referrer), and state-changing requests a browser sends from another origin are
+refused (403 `cross_origin`).
 
 The ingress validates everything it can (fields, image) before anything is queued, and answers
 errors as `{"error": {"code", "message", "field"}}`: every error is a `pipeline.errors.I2VError`
@@ -34,7 +35,6 @@ import asyncio
 import base64
 import json
 import logging
-import math
 import re
 import weakref
 from typing import Any
@@ -51,25 +51,7 @@ from pipeline.images import load_image
 from pipeline.preview import frame_count as preview_frame_count
 from pipeline.request import parse_params
 
-from .auth import (
-    ANONYMOUS,
-    COOKIE,
-    PROXY_HEADERS,
-    Caller,
-    RateLimiter,
-    SessionStore,
-    StreamLimiter,
-    TokenStore,
-    auth_enabled,
-    client_address,
-    hash_token,
-    origin_allowed,
-    parse_networks,
-    request_host,
-    request_scheme,
-    security_headers,
-    tokens_path,
-)
+from .access import Guard, access_middleware, caller_info, caller_of, check_priority
 from .backends import SIM
 from .bodies import image_format, json_body, read_body, read_submission
 from .config import FarmSettings
@@ -114,149 +96,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(exc.status_code, code, str(exc.detail))
 
 
-#: Reachable without a token: the page's shell, health, docs, metrics, the login itself.
-PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz", "/docs", "/openapi.json",
-                          "/metrics", "/v1/info", "/v1/login", "/v1/logout"})
-PUBLIC_PREFIXES = ("/ui/", "/docs/")
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-#: A body larger than this at `POST /v1/login` is refused while it is read (chunked too).
-LOGIN_MAX_BYTES = 4096
-LOGIN_TYPES = ("application/json", "application/x-www-form-urlencoded")
-
-
-def media_origins(settings: FarmSettings) -> list[str]:
-    """Where the page's <video>/<img> may load from besides the farm: the S3 endpoint clients reach
-    (presigned URLs), when results live on S3."""
-    if not settings.storage_url.startswith("s3://"):
-        return []
-    public = settings.s3_public_endpoint or settings.s3_endpoint
-    if not public:
-        return []
-    if "://" not in public:
-        public = ("https://" if settings.s3_secure else "http://") + public
-    return [public.rstrip("/")]
-
-
-class Credential:
-    """How a request proved who it is: a bearer token (its hash) or a session (cookie value)."""
-
-    __slots__ = ("kind", "token_hash", "session")
-
-    def __init__(self, kind: str, token_hash: str, session: str | None = None):
-        self.kind, self.token_hash, self.session = kind, token_hash, session
-
-
-class Guard:
-    """Access control of one ingress replica (see `serving.auth`)."""
-
-    def __init__(self, settings: FarmSettings):
-        self.settings = settings
-        self.mode = settings.auth
-        self.enabled = auth_enabled(settings.auth, settings.host)
-        self.tokens = TokenStore(tokens_path(settings))
-        self.sessions = SessionStore(settings.session_ttl_s)
-        self.limiter = RateLimiter()
-        self.streams = StreamLimiter(settings.max_streams_per_token)
-        self.trusted = parse_networks(settings.trusted_proxies)
-        self.headers = security_headers(media_origins=media_origins(settings))
-        self.docs_headers = security_headers(media_origins=media_origins(settings), docs=True)
-
-    def authenticate(self, request: Request) -> tuple[Caller | None, Credential | None]:
-        """The caller of a request: `Authorization: Bearer TOKEN`, else the session cookie."""
-        header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            token = header[7:].strip()
-            caller = self.tokens.verify(token)
-            return (caller, Credential("bearer", hash_token(token))) if caller else (None, None)
-        sid = request.cookies.get(COOKIE)
-        token_hash = self.sessions.token_hash(sid)
-        if token_hash is None:
-            return None, None
-        cred = Credential("session", token_hash, sid)
-        return self.recheck(cred), cred
-
-    def recheck(self, cred: Credential | None) -> Caller | None:
-        """The caller while its credential still holds (token not revoked, session not ended);
-        with access control off, always the anonymous admin."""
-        if not self.enabled:
-            return ANONYMOUS
-        if cred is None:
-            return None
-        if cred.kind == "session" and self.sessions.token_hash(cred.session) != cred.token_hash:
-            return None
-        caller = self.tokens.by_hash(cred.token_hash)
-        if caller is None and cred.kind == "session":
-            self.sessions.revoke_token(cred.token_hash)  # the token was revoked: all its sessions end
-        return caller
-
-    def stream_key(self, request: Request) -> str:
-        """Whose streams are counted together: the token's name, or (access control off) the address."""
-        if self.enabled:
-            return "token:" + caller_of(request).name
-        return "addr:" + str(getattr(request.state, "client_ip", None))
-
-
-def _refuse(request: Request, status: int, code: str, message: str, **headers: str) -> JSONResponse:
-    log = logger.info if status == 401 else logger.warning
-    log("refused %s %s from %s: %s %s", request.method, request.url.path[:200],
-        getattr(request.state, "client_ip", None), status, code)
-    return error_response(status, code, message, headers=headers or None)
-
-
-@app.middleware("http")
-async def _access(request: Request, call_next):
-    guard: Guard | None = getattr(request.app.state, "guard", None)
-    if guard is None:
-        request.state.caller = ANONYMOUS
-        return await call_next(request)
-    response = await _guarded(guard, request, call_next)
-    path = request.url.path
-    headers = guard.docs_headers if path == "/docs" or path.startswith("/docs/") else guard.headers
-    for name, value in headers.items():
-        response.headers.setdefault(name, value)
-    return response
-
-
-async def _guarded(guard: Guard, request: Request, call_next):
-    headers = request.headers
-    client_host = request.client.host if request.client else None
-    request.state.client_ip = client_address(client_host, headers, guard.trusted)
-    request.state.scheme = request_scheme(request.url.scheme, client_host, headers, guard.trusted)
-    request.state.credential = None
-    path = request.url.path
-    if (guard.mode == "auto" and not guard.enabled and path not in ("/healthz", "/readyz")
-            and any(h in headers for h in PROXY_HEADERS)):
-        return _refuse(request, 403, "proxy_without_auth",
-                       "this farm is reached through a proxy (the request carries X-Forwarded-For, Forwarded "
-                       "or X-Real-IP) but listens on loopback with access control off, which would make every "
-                       "caller an admin: turn tokens on (`I2V_AUTH=on`, then `i2v-farm token create NAME`), "
-                       "or set `auth: off` to run it open on purpose")
-    if request.method not in SAFE_METHODS and not origin_allowed(
-            headers.get("origin"), headers.get("sec-fetch-site"), request.state.scheme,
-            request_host(client_host, headers, guard.trusted)):
-        return _refuse(request, 403, "cross_origin",
-                       "a browser sent this request from another site or origin: the farm takes state-changing "
-                       "requests only from its own page (behind a reverse proxy: pass the Host header, or "
-                       "X-Forwarded-Host/-Proto and list the proxy in `trusted_proxies`)")
-    if not guard.enabled:
-        request.state.caller = ANONYMOUS
-        return await call_next(request)
-    caller, cred = guard.authenticate(request)
-    if (cred is not None and cred.kind == "session" and headers.get("sec-fetch-site") in ("cross-site", "same-site")
-            and headers.get("sec-fetch-mode") != "navigate"):
-        caller, cred = None, None  # the cookie rides along a sibling site's fetch/<video>/EventSource: ignore it
-    if caller is None and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
-        return _refuse(request, 401, "unauthorized",
-                       "a valid API token is required: send `Authorization: Bearer TOKEN` "
-                       "(tokens: `i2v-farm token create NAME` on the farm's head node)",
-                       **{"WWW-Authenticate": "Bearer"})
-    request.state.caller = caller
-    request.state.credential = cred if caller else None
-    return await call_next(request)
-
-
-def caller_of(request: Request) -> Caller:
-    return getattr(request.state, "caller", None) or ANONYMOUS
+app.middleware("http")(access_middleware)  # serving.access: who calls, and whether they may
 
 
 @app.exception_handler(RequestValidationError)
@@ -264,13 +104,6 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     err = exc.errors()[0]
     field = str(err["loc"][-1]) if err.get("loc") else None
     return error_response(422, "invalid_request", f"{field}: {err['msg']}", field)
-
-
-def _check_priority(caller: Caller, priority: str | None) -> None:
-    if not caller.may_use(priority):
-        raise I2VError(f"token {caller.name!r} may ask for priority up to {caller.max_priority!r}, not {priority!r} "
-                       "(an operator grants more with `i2v-farm token create NAME --max-priority high`)",
-                       code="priority_not_allowed", http_status=403, field="priority")
 
 
 def _reply(reply: dict[str, Any]) -> dict[str, Any]:
@@ -330,16 +163,12 @@ class FarmApi:
         Send `Idempotency-Key` to make retries safe: the same key returns the same job.
         """
         caller = caller_of(request)
-        wait = self.guard.limiter.take(caller)
-        if wait > 0:
-            return error_response(429, "rate_limited",
-                                  f"token {caller.name!r} may submit {caller.rate_per_min:g} jobs per minute",
-                                  headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        self.guard.check_rate(caller)
         fields, image_bytes = await read_submission(request, self.settings.max_image_bytes)
         hook_fields = {k: fields.pop(k) for k in ("webhook", "webhook_events") if k in fields}  # not generation
         reuse = pop_reuse(fields)  # fields: serving.webhooks, serving.reuse
         params = parse_params(fields)  # field errors before the (slower) image check
-        _check_priority(caller, params.priority)
+        check_priority(caller, params.priority)
         image = load_image(image_bytes, max_bytes=self.settings.max_image_bytes)
         webhook = await asyncio.to_thread(pop_webhook, hook_fields, self.egress) if hook_fields else None
         reply = await self.manager.submit.remote(
@@ -559,7 +388,7 @@ class FarmApi:
         data = json_body(await read_body(request, 2**20, "an estimate needs only the fields"), empty={})
         data.pop("image", None)  # only its size matters, and that is width/height
         reply = estimate_request(self.settings, data)
-        _check_priority(caller_of(request), reply["params"].get("priority"))
+        check_priority(caller_of(request), reply["params"].get("priority"))
         return reply
 
     @app.get("/v1/info")
@@ -589,8 +418,7 @@ class FarmApi:
     async def me(self, request: Request):
         """The calling token: its name, whether it is an admin, and the highest priority it may use
         (access control off: the anonymous admin)."""
-        caller = caller_of(request)
-        return {"name": caller.name, "admin": caller.admin, "max_priority": caller.max_priority}
+        return caller_info(caller_of(request))
 
     @app.post("/v1/login", include_in_schema=True, responses={**ERROR_RESPONSES, 401: {
         "model": ErrorResponse, "description": "Unknown or revoked token"}},
@@ -605,43 +433,12 @@ class FarmApi:
 
         The body (JSON `{"token"}` or a urlencoded form, at most 4 KiB) comes only from the farm's
         own origin when a browser sends it."""
-        ctype = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if ctype not in LOGIN_TYPES:
-            raise I2VError(f"send the token as application/json ({{\"token\": ...}}) or a urlencoded form, "
-                           f"not {ctype or 'no content type'!r}", code="unsupported_media_type", http_status=415)
-        body = await read_body(request, LOGIN_MAX_BYTES, "a login needs only the token", chunked=True)
-        invalid = "the body is not valid JSON or form data"
-        if ctype == "application/json":
-            data = json_body(body, empty={}, invalid=invalid, objects=False)
-            token = data.get("token") if isinstance(data, dict) else None
-        else:
-            from urllib.parse import parse_qs
-
-            try:
-                token = (parse_qs(body.decode(), max_num_fields=8).get("token") or [None])[0]
-            except (ValueError, UnicodeDecodeError):
-                raise I2VError(invalid, code="invalid_json") from None
-        token = token.strip() if isinstance(token, str) else None
-        caller = self.guard.tokens.verify(token) if self.guard.enabled else ANONYMOUS
-        if caller is None:
-            return error_response(401, "unauthorized", "unknown or revoked token", "token")
-        resp = JSONResponse({"name": caller.name, "admin": caller.admin, "max_priority": caller.max_priority,
-                             "auth": self.guard.enabled})
-        if self.guard.enabled:
-            self.guard.sessions.revoke(request.cookies.get(COOKIE))  # a previous session of this browser
-            sid = self.guard.sessions.create(hash_token(token))
-            resp.set_cookie(COOKIE, sid, max_age=self.settings.session_ttl_s, httponly=True, samesite="strict",
-                            path="/", secure=getattr(request.state, "scheme", "http") == "https")
-        return resp
+        return await self.guard.login(request)
 
     @app.post("/v1/logout", include_in_schema=True)
     async def logout(self, request: Request):
         """End the page's session (the cookie stops working at once, everywhere it was copied)."""
-        self.guard.sessions.revoke(request.cookies.get(COOKIE))
-        resp = JSONResponse({"ok": True})
-        resp.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict",
-                           secure=getattr(request.state, "scheme", "http") == "https")
-        return resp
+        return self.guard.logout(request)
 
     @app.get("/docs", include_in_schema=False)
     async def docs(self):

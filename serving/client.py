@@ -178,6 +178,8 @@ def add_commands(subparsers) -> None:
                      help="which endings call the webhook: succeeded,failed,canceled or all (default all)")
     sub.add_argument("--no-reuse", dest="reuse", action="store_false", default=None,
                      help="render even when an identical earlier job (same image, settings and seed) succeeded")
+    sub.add_argument("--no-preview", dest="preview", action="store_false", default=None,
+                     help="no live previews for this job (the video is the same either way)")
     sub.set_defaults(func=cmd_submit)
 
     st = subparsers.add_parser("status", help="show a job (or the farm) of a running farm")
@@ -205,7 +207,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     fields = request_fields(args, names=("negative_prompt", "preset", "resolution", "num_frames", "fps", "target_fps",
                                          "num_inference_steps", "guidance_scale", "seed", "scheduler", "priority"))
     fields["prompt"] = prompt
-    fields.update({k: v for k in ("webhook", "webhook_events", "reuse") if (v := getattr(args, k, None)) is not None})
+    fields.update({k: v for k in ("webhook", "webhook_events", "reuse", "preview")
+                   if (v := getattr(args, k, None)) is not None})
     client = FarmClient(args.url)
     job = client.submit(image, fields, args.idempotency_key)
     est = job["estimate"]

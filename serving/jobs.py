@@ -16,6 +16,7 @@ the wire format of requests and events is a plain dict (`to_dict()`), as Ray car
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 from typing import Annotated, Any, Literal, Union
 
@@ -304,6 +305,16 @@ class JobRecord(BaseModel):
                                                     "attempts, last_status, last_error, delivered_at).")
     reuse_key: str | None = Field(None, description="SHA-256 of what makes its video (explicit seed only).")
     reused_from: str | None = Field(None, description="The job whose stored result this one answered with.")
+    gpu_seconds_saved: float | None = Field(None, description="A reused job: the GPU time its answer saved.")
+    # set by the job manager as the job moves on (serving/manager/)
+    started_at: str | None = None
+    finished_at: str | None = None
+    spilled: bool | None = Field(None, description="Runs on a larger class than its home one.")
+    replica: str | None = None
+    device: str | None = None
+    note: str | None = None
+    upload_error: str | None = Field(None, description="Why its rendered files still wait in the worker's spool.")
+    output_size: dict[str, int] | None = None
 
     @property
     def finished(self) -> bool:
@@ -321,3 +332,34 @@ class JobRecord(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """The record as stored (JSON types; the fields it was read or made with)."""
         return self.model_dump(mode="json", exclude_unset=True)
+
+    @classmethod
+    def check_changes(cls, job_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """`fields` to write into job `job_id`'s record, checked before anything is written: each
+        must be a field this type names (a misspelt key is refused, not stored beside the record)
+        with a value of that field's type. Returns `fields` as given; `JobRecordError` if not."""
+        problems = []
+        for name, value in fields.items():
+            if name not in cls.model_fields:
+                problems.append(f"{name}: not a field of a job record")
+                continue
+            try:
+                _field_type(name).validate_python(value)
+            except ValidationError as exc:
+                problems += [f"{'.'.join(str(p) for p in (name, *e['loc']))}: {e['msg']}"
+                             for e in exc.errors(include_url=False, include_input=False)]
+        if problems:
+            raise JobRecordError(f"bad change to job record {job_id!r}: {'; '.join(problems)}")
+        return fields
+
+    @classmethod
+    def new(cls, fields: dict[str, Any]) -> JobRecord:
+        """A record about to be created: a valid job record, every key a field this type names."""
+        cls.check_changes(fields.get("id", "?"), {k: v for k, v in fields.items() if k not in cls.model_fields})
+        return cls.parse(fields)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_type(name: str) -> TypeAdapter[Any]:
+    """The type of `JobRecord` field `name`, to check a value written to it."""
+    return TypeAdapter(JobRecord.model_fields[name].annotation)

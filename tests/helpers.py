@@ -71,7 +71,8 @@ def http_server(respond):
 def webhook_receiver(respond=lambda seen: 200, port: int = 0):
     """A loopback HTTP server that takes POSTs (a webhook receiver) on `port` (0: a free one).
 
-    `respond(seen) -> status` decides each answer (`seen` includes this request). Returns (server,
+    `respond(seen) -> status` (or `(status, JSON body)`) decides each answer (`seen` includes this
+    request). Returns (server,
     seen, base URL); `seen` lists each request as {"path", "body" (bytes), "headers" (lower-cased
     names), "at" (time.time())}. Call `server.shutdown()` and `server.server_close()` when done."""
     import threading
@@ -85,10 +86,15 @@ def webhook_receiver(respond=lambda seen: 200, port: int = 0):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             seen.append({"path": self.path, "body": body, "at": time.time(),
                          "headers": {k.lower(): v for k, v in self.headers.items()}})
-            status = respond(seen)
+            status, reply = respond(seen), b""
+            if isinstance(status, tuple):
+                status, reply = status[0], json.dumps(status[1]).encode()
             self.send_response(status)
-            self.send_header("Content-Length", "0")
+            self.send_header("Content-Length", str(len(reply)))
+            if reply:
+                self.send_header("Content-Type", "application/json")
             self.end_headers()
+            self.wfile.write(reply)
 
         def log_message(self, *args):
             pass

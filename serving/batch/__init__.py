@@ -26,6 +26,7 @@ from .common import (
     EXIT_OK,
     EXIT_USAGE,
     MAX_ID_CHARS,
+    MIN_POLL_S,
     SLOW_ROW_LOG_S,
     STATUSES,
     SUMMARY_EVERY_S,
@@ -54,7 +55,7 @@ __all__ = [
     "FarmLink", "check_farm",
     "SUMMARY_ROWS", "SUMMARY_COUNTS", "default_prefix", "normalize_prefix", "read_previous", "put_summary",
     # statuses, exit codes, errors
-    "STATUSES", "TERMINAL", "SUMMARY_EVERY_S", "SLOW_ROW_LOG_S", "MAX_ID_CHARS",
+    "STATUSES", "TERMINAL", "SUMMARY_EVERY_S", "SLOW_ROW_LOG_S", "MAX_ID_CHARS", "MIN_POLL_S",
     "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "UsageError", "RowError", "Stopped", "invalid",
     # re-exported from serving.client / serving.egress, as the single module had them
     "DEFAULT_URL", "FarmClient", "FarmClientError", "EgressPolicy", "EgressRefused", "FetchError",

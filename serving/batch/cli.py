@@ -18,7 +18,7 @@ from typing import Any
 from ..client import DEFAULT_URL, FarmClient
 from ..egress import EgressPolicy
 from ..files import apply_umask
-from .common import EXIT_USAGE, UsageError
+from .common import EXIT_USAGE, MIN_POLL_S, UsageError
 from .manifest import read_manifest
 from .runner import run_batch
 
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row-timeout", type=float, default=0, metavar="S",
                    help="fail a row whose farm job has not ended after this long (default 0: wait as long as "
                         "the farm works on it); the job is not canceled, the next run picks it up")
-    p.add_argument("--poll", type=float, default=1.0, metavar="S", help="seconds between job status polls (default 1)")
+    p.add_argument("--poll", type=float, default=1.0, metavar="S",
+                   help=f"seconds between job status polls (default 1, at least {MIN_POLL_S:g})")
     p.add_argument("--download-timeout", type=float, default=30.0, metavar="S",
                    help="timeout of http(s) image downloads (default 30)")
     return p
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.concurrency < 1 or args.max_attempts < 1:
             raise UsageError("--concurrency and --max-attempts must be at least 1")
+        if not MIN_POLL_S <= args.poll < float("inf"):  # nan too
+            raise UsageError(f"--poll must be at least {MIN_POLL_S:g} seconds, not {args.poll:g}: each poll asks "
+                             "the farm about every row in flight (the default, 1, suits jobs of seconds to minutes)")
         manifest = Path(args.manifest)
         mrows = read_manifest(manifest)  # before storage and farm: the cheapest mistake first
         settings = batch_settings()

@@ -19,6 +19,8 @@ SUMMARY_EVERY_S = 2.0
 #: A row in flight this long is mentioned in the log (and again each time as long again).
 SLOW_ROW_LOG_S = 600.0
 MAX_ID_CHARS = 200
+#: The shortest `--poll`: each poll is one request to the farm per row in flight (0 would busy-loop).
+MIN_POLL_S = 0.1
 TERMINAL = FINISHED  # a farm job's finished statuses (serving.jobs)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -17,6 +17,8 @@ from pipeline.request import parse_params
 
 from ..egress import EgressPolicy
 from ..files import atomic_write
+from ..reuse import pop_reuse
+from ..webhooks import pop_webhook
 from .common import MAX_ID_CHARS, RowError, _sha256, invalid
 from .images import ImageLimits, read_image
 from .manifest import ManifestRow
@@ -31,7 +33,7 @@ class Row:
     id: str = ""
     image: Any = None
     status: str = "pending"
-    fields: dict[str, Any] = field(default_factory=dict)  # validated request fields to submit
+    fields: dict[str, Any] = field(default_factory=dict)  # validated request fields to submit (+ reuse, webhook)
     digest: str | None = None
     image_sha256: str | None = None
     image_path: Path | None = None  # where the bytes are read again at submission
@@ -85,7 +87,9 @@ def check_row(mrow: ManifestRow, *, root: Path, storage: Any, limits: ImageLimit
     """Validate one manifest row (fields first, then the image) and compute its digest.
 
     The image is decoded and checked as the farm would (`load_image`); its bytes are dropped
-    again (a downloaded or stored one is kept in `spool` for the submission).
+    again (a downloaded or stored one is kept in `spool` for the submission). `reuse`, `webhook`
+    and `webhook_events` are checked as `POST /v1/jobs` checks them (the webhook URL against
+    `egress`) and sent with the row; they do not change its video, so not its digest or id.
     """
     row = Row(line=mrow.line)
     if mrow.fields is None:
@@ -100,7 +104,12 @@ def check_row(mrow: ManifestRow, *, root: Path, storage: Any, limits: ImageLimit
             row.id = _explicit_id(explicit)
         if priority and not data.get("priority"):
             data["priority"] = priority
+        hook_fields = {k: data.pop(k) for k in ("webhook", "webhook_events") if k in data}  # not generation
+        extra: dict[str, Any] = {} if pop_reuse(data) else {"reuse": False}
         params = parse_params(data).model_dump(exclude_none=True)
+        webhook = pop_webhook(hook_fields, egress or EgressPolicy()) if hook_fields else None
+        if webhook:
+            extra.update(webhook=webhook["url"], webhook_events=webhook["events"])
         image = read_image(row.image, root=root, storage=storage, limits=limits, timeout=download_timeout,
                            egress=egress, scope=scope)
         try:
@@ -115,7 +124,7 @@ def check_row(mrow: ManifestRow, *, root: Path, storage: Any, limits: ImageLimit
         if not row.id:
             row.id = "line-" + str(mrow.line)
         return row
-    row.fields = params
+    row.fields = {**params, **extra}
     row.image_sha256 = _sha256(image)
     row.digest = row_digest(params, row.image_sha256)
     if isinstance(row.image, str) and "://" in row.image:

@@ -271,6 +271,8 @@ def run_batch(manifest: str | os.PathLike, *, client: Any, storage: Any, root: P
     `egress`: the rules for http(s) images (default: nothing beyond them allowed; `main` reads
     `egress_allow` from the settings). `scope`: whose `s3://` keys rows may name (default: the
     client's caller, asked of the farm)."""
+    if not 0 < poll_s < float("inf"):
+        raise UsageError(f"poll_s must be a number of seconds above 0, not {poll_s!r} (0 would busy-loop)")
     out = out or sys.stdout
     stop = stop or threading.Event()
     manifest = Path(manifest)

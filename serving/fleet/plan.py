@@ -86,57 +86,82 @@ def plan(
     if not (target_p95 > 0 and math.isfinite(target_p95)):
         raise InvalidRequest(f"--target-p95 must be a positive number of seconds, got {target_p95!r}",
                              field="target_p95")
-    config = config or SimConfig()
-    known = class_set or default_classes()
-    priced = [c for c in known.names if c in prices]
-    n_interactive = sum(1 for k in trace.kind if k == "interactive")
-    if not n_interactive:
+    if not any(k == "interactive" for k in trace.kind):
         raise InvalidRequest("the trace has no interactive jobs to plan a p95 wait for", field="trace")
-    max_late = int(0.05 * n_interactive)
-    cache: dict[tuple, dict[str, Any]] = {}
-    tried: list[dict[str, Any]] = []
+    search = _Search(trace, prices, target_p95, config or SimConfig(), class_set or default_classes(), log)
+    answers = [a for _, subset, peak in search.mixes()[:mixes] if (a := search.coarse(subset, peak))]
+    if not answers:
+        raise InvalidRequest(f"no fleet tried meets an interactive p95 wait of {target_p95:g} s", field="target_p95")
+    answers.sort(key=lambda a: a["cost_per_hour"])
+    best = search.trim(answers[0]) if refine else answers[0]
+    return {
+        "trace": trace.name,
+        "target_p95_s": target_p95,
+        "prices": {c: prices[c] for c in search.priced},
+        **_view(best),
+        "alternatives": [_view(a) for a in search.alternatives(best, answers)],
+        "simulations": len(search.tried),
+        "tried": search.tried,
+        "wall_s": round(time.perf_counter() - started, 3),
+    }
 
-    def cost(fleet: Mapping[str, int]) -> float:
-        return sum(n * prices[c] for c, n in fleet.items())
 
-    def run(fleet: dict[str, int]) -> dict[str, Any]:
+class _Search:
+    """The planner's state: the simulations run so far (each fleet once) and the three steps."""
+
+    def __init__(self, trace: Trace, prices: Mapping[str, float], target_p95: float, config: SimConfig,
+                 known: ClassSet, log: Callable[[str], None] | None):
+        self.trace, self.prices, self.target_p95, self.config, self.known = trace, prices, target_p95, config, known
+        self.log = log or (lambda _msg: None)
+        self.priced = [c for c in known.names if c in prices]
+        self.max_late = int(0.05 * sum(1 for k in trace.kind if k == "interactive"))
+        self.cache: dict[tuple, dict[str, Any]] = {}
+        self.tried: list[dict[str, Any]] = []
+
+    def cost(self, fleet: Mapping[str, int]) -> float:
+        return sum(n * self.prices[c] for c, n in fleet.items())
+
+    def run(self, fleet: dict[str, int]) -> dict[str, Any]:
+        """Simulate `fleet` once (later calls answer from the cache) and judge it."""
         key = tuple(sorted(fleet.items()))
-        if key not in cache:
-            rep = simulate(trace, fleet, config=config, class_set=known, prices=prices,
-                           late_wait_s=target_p95, max_late=max_late)
-            p95 = rep["by_kind"]["interactive"]["wait_s"]["p95"]
-            ok = (not rep["aborted"] and p95 is not None and p95 <= target_p95 and rep["jobs"]["rejected"] == 0
-                  and rep["jobs"]["failed"] == 0)
-            cache[key] = {"fleet": dict(fleet), "cost_per_hour": round(cost(fleet), 2),
-                          "p95_wait_s": None if rep["aborted"] else p95, "feasible": ok, "report": rep}
-            tried.append({k: v for k, v in cache[key].items() if k != "report"} | {"wall_s": rep["wall_s"]})
-            if log:
-                log(f"  {_fleet_text(fleet):<40} ${cost(fleet):>9,.2f}/h  interactive p95 wait "
-                    f"{'>' + format(target_p95, 'g') if rep['aborted'] else p95} s  "
-                    f"{'ok' if ok else 'misses'}  ({rep['wall_s']:.1f} s)")
-        return cache[key]
+        if key in self.cache:
+            return self.cache[key]
+        target = self.target_p95
+        rep = simulate(self.trace, fleet, config=self.config, class_set=self.known, prices=self.prices,
+                       late_wait_s=target, max_late=self.max_late)
+        p95 = rep["by_kind"]["interactive"]["wait_s"]["p95"]
+        ok = (not rep["aborted"] and p95 is not None and p95 <= target and rep["jobs"]["rejected"] == 0
+              and rep["jobs"]["failed"] == 0)
+        got = self.cache[key] = {"fleet": dict(fleet), "cost_per_hour": round(self.cost(fleet), 2),
+                                 "p95_wait_s": None if rep["aborted"] else p95, "feasible": ok, "report": rep}
+        self.tried.append({k: v for k, v in got.items() if k != "report"} | {"wall_s": rep["wall_s"]})
+        self.log(f"  {_fleet_text(fleet):<40} ${self.cost(fleet):>9,.2f}/h  interactive p95 wait "
+                 f"{'>' + format(target, 'g') if rep['aborted'] else p95} s  "
+                 f"{'ok' if ok else 'misses'}  ({rep['wall_s']:.1f} s)")
+        return got
 
-    # 1) mixes, ranked without simulating
-    candidates = []
-    for r in range(1, len(priced) + 1):
-        for subset in itertools.combinations(priced, r):
-            peak = _peak_work(trace, known.subset(subset), config)
-            if peak is None or not all(peak.get(c, 0) > 0 for c in subset):
-                continue
-            candidates.append((cost(_fleet_at(peak, START_U)), subset, peak))
-    if not candidates:
-        raise InvalidRequest("no mix of the priced classes holds every job of the trace", field="prices")
-    candidates.sort(key=lambda x: x[0])
+    def mixes(self) -> list[tuple[float, tuple[str, ...], dict[str, float]]]:
+        """Step 1: every subset of the priced classes that holds every job, cheapest first (sized at
+        `START_U`, no simulation): (cost, classes, peak-hour GPU-seconds per class)."""
+        candidates = []
+        for r in range(1, len(self.priced) + 1):
+            for subset in itertools.combinations(self.priced, r):
+                peak = _peak_work(self.trace, self.known.subset(subset), self.config)
+                if peak is None or not all(peak.get(c, 0) > 0 for c in subset):
+                    continue
+                candidates.append((self.cost(_fleet_at(peak, START_U)), subset, peak))
+        if not candidates:
+            raise InvalidRequest("no mix of the priced classes holds every job of the trace", field="prices")
+        return sorted(candidates, key=lambda x: x[0])
 
-    # 2) coarse: per mix, the largest utilisation target that still meets the p95 target
-    answers = []
-    for _, subset, peak in candidates[:mixes]:
-        if log:
-            log(f"mix {'+'.join(subset)}")
+    def coarse(self, subset: tuple[str, ...], peak: Mapping[str, float]) -> dict[str, Any] | None:
+        """Step 2: the mix's fleet at the largest utilisation target that still meets the p95
+        target (None: none tried does)."""
+        self.log(f"mix {'+'.join(subset)}")
         lo, hi = None, None  # lo: feasible u, hi: infeasible u
         u = START_U
         for _ in range(12):
-            got = run(_fleet_at(peak, u))
+            got = self.run(_fleet_at(peak, u))
             if got["report"]["jobs"]["failed"] or got["report"]["jobs"]["rejected"]:
                 break  # more GPUs of these classes will not help
             if got["feasible"]:
@@ -152,62 +177,50 @@ def plan(
             if u < 0.02 or u > 20:
                 break
         if lo is None:
-            continue
-        if hi is not None:
-            for _ in range(2):
-                mid = math.sqrt(lo * hi)
-                if _fleet_at(peak, mid) in (_fleet_at(peak, lo), _fleet_at(peak, hi)):
-                    break
-                if run(_fleet_at(peak, mid))["feasible"]:
-                    lo = mid
-                else:
-                    hi = mid
-        answers.append(cache[tuple(sorted(_fleet_at(peak, lo).items()))])
-    if not answers:
-        raise InvalidRequest(f"no fleet tried meets an interactive p95 wait of {target_p95:g} s", field="target_p95")
-    answers.sort(key=lambda a: a["cost_per_hour"])
+            return None
+        for _ in range(2 if hi is not None else 0):
+            mid = math.sqrt(lo * hi)
+            if _fleet_at(peak, mid) in (_fleet_at(peak, lo), _fleet_at(peak, hi)):
+                break
+            if self.run(_fleet_at(peak, mid))["feasible"]:
+                lo = mid
+            else:
+                hi = mid
+        return self.cache[tuple(sorted(_fleet_at(peak, lo).items()))]
 
-    # 3) fine: trim the cheapest, class by class
-    best = answers[0]
-    if refine:
-        if log:
-            log("trim")
+    def trim(self, best: dict[str, Any]) -> dict[str, Any]:
+        """Step 3: each class of `best` in turn loses 10% of its GPUs while the target is met."""
+        self.log("trim")
         improved = True
         while improved:
             improved = False
-            for c in sorted(best["fleet"], key=lambda c: -best["fleet"][c] * prices[c]):
+            for c in sorted(best["fleet"], key=lambda c: -best["fleet"][c] * self.prices[c]):
                 n = best["fleet"][c]
-                cut = max(1, n // 10)
-                smaller = {**best["fleet"], c: n - cut}
+                smaller = {**best["fleet"], c: n - max(1, n // 10)}
                 if smaller[c] == 0:
                     del smaller[c]
                 if not smaller:
                     continue
-                got = run(smaller)
+                got = self.run(smaller)
                 if got["feasible"]:
                     best, improved = got, True
-    alternatives = [a for a in answers if a is not best][:2]
-    if len(alternatives) < 2:  # fewer mixes searched: the nearest feasible fleets tried
-        others = sorted((cache[k] for k in cache if cache[k]["feasible"] and cache[k] is not best
-                         and cache[k] not in alternatives), key=lambda a: a["cost_per_hour"])
-        alternatives += others[: 2 - len(alternatives)]
+        return best
 
-    def view(a: dict[str, Any]) -> dict[str, Any]:
-        rep = a["report"]
-        return {"fleet": a["fleet"], "cost_per_hour": a["cost_per_hour"], "p95_wait_s": a["p95_wait_s"],
-                "utilization": {c: v["utilization"] for c, v in rep["classes"].items()},
-                "wait_s": rep["by_kind"]["interactive"]["wait_s"], "jobs_per_hour": rep["jobs_per_hour"]}
+    def alternatives(self, best: dict[str, Any], answers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The next two mixes' answers; with fewer mixes searched, the nearest feasible fleets tried."""
+        alternatives = [a for a in answers if a is not best][:2]
+        if len(alternatives) < 2:
+            others = sorted((a for a in self.cache.values() if a["feasible"] and a is not best
+                             and a not in alternatives), key=lambda a: a["cost_per_hour"])
+            alternatives += others[: 2 - len(alternatives)]
+        return alternatives
 
-    return {
-        "trace": trace.name,
-        "target_p95_s": target_p95,
-        "prices": {c: prices[c] for c in priced},
-        **view(best),
-        "alternatives": [view(a) for a in alternatives],
-        "simulations": len(tried),
-        "tried": tried,
-        "wall_s": round(time.perf_counter() - started, 3),
-    }
+
+def _view(a: dict[str, Any]) -> dict[str, Any]:
+    rep = a["report"]
+    return {"fleet": a["fleet"], "cost_per_hour": a["cost_per_hour"], "p95_wait_s": a["p95_wait_s"],
+            "utilization": {c: v["utilization"] for c, v in rep["classes"].items()},
+            "wait_s": rep["by_kind"]["interactive"]["wait_s"], "jobs_per_hour": rep["jobs_per_hour"]}
 
 
 def _fleet_text(fleet: Mapping[str, int]) -> str:

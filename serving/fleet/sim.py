@@ -1,13 +1,13 @@
 """The fleet simulator: a discrete-event simulation of the farm in virtual time.
 
 It runs the farm's own `serving.scheduler.Scheduler` the way the job manager drives it
-(`serving/manager.py`): every arrival is placed and admitted (`estimate_request` -> `admit`), and
-whenever GPUs are free it asks `assign(free)` with the idle slots per class (`_free_slots`: GPUs
+(`serving/manager/`): every arrival is placed and admitted (`estimate_request` -> `admit`), and
+whenever GPUs are free it asks `assign(free)` with the idle slots per class (`Capacity.free_slots`: GPUs
 of the class minus the running jobs on it) and starts what it answers. A job runs for the cost
 model's seconds on the class it was given (times `time_scale`, as `_run_seconds` does for the
 `sim` model). Its true peak VRAM is the estimate times the arrival's `vram_factor`; above the
 class's memory it fails out of memory after its first denoising step (as `SimBackend` does), and
-the manager's `_on_failure` rule applies: `home` becomes the class it ran on, `on_failure(job,
+the manager's `Attempts.on_failure` rule applies: `home` becomes the class it ran on, `on_failure(job,
 "oom")` decides, a `Retry` is requeued on the next larger class.
 
 Cost: a heap of running jobs' finish times and one `assign` call per instant at which something
@@ -167,152 +167,185 @@ def simulate(
     if not fleet:
         raise InvalidRequest("the fleet has no GPUs", field="fleet")
     classes = known.subset(fleet)
-    names = classes.names
-    memory = {c: classes[c].memory_bytes for c in names}
-    sched = make_scheduler(classes, config)
-    with_caller = "caller" in _QUEUED_FIELDS
-    # The manager's `_busy_seconds`: per class, the estimated seconds left of each running job.
-    pass_busy = (config.spill and config.spill_rule == "earliest_finish"
-                 and "busy" in inspect.signature(Scheduler.assign).parameters)
-    expected_end: dict[str, dict[int, float]] = {c: {} for c in names}  # class -> job -> start + estimate
     prices = dict(prices or {})
-    missing = [c for c in names if prices and c not in prices]
+    missing = [c for c in classes.names if prices and c not in prices]
     if missing:
         raise InvalidRequest(f"--prices has no price for {', '.join(missing)}", field="prices")
+    run = _Run(trace, fleet, classes, config, late_wait_s, max_late)
+    end = run.run()
+    return _report(run, prices, started_wall, end, record_jobs)
 
-    # The cost model once per distinct request: (peak VRAM, run seconds per class, steps).
-    scale = config.time_scale
-    estimates: list[tuple[int, dict[str, float], int]] = []
-    for spec in trace.specs:
-        params = request_params(spec)
-        _, _, vram, seconds = estimate_request(
-            classes, params, spec.get("image_width", 512), spec.get("image_height", 512), dtype=config.dtype,
-            cpu_offload=config.cpu_offload, decode_chunk_size=config.decode_chunk_size)
-        estimates.append((vram, {k: v * scale for k, v in seconds.items()}, params.num_inference_steps))
 
-    n = len(trace)
-    arr_t, spec_of, factor_of = trace.t, trace.spec, trace.vram_factor
-    kind_of, prio_of, caller_of = trace.kind, trace.priority, trace.caller
-    jobs: list[QueuedJob | None] = [None] * n
-    queued_since = [0.0] * n
-    wait = [0.0] * n
-    finish = [math.nan] * n
-    final_class: list[str | None] = [None] * n
-    first_start = [math.nan] * n
-    status = [""] * n
+@dataclass
+class _ClassStats:
+    """What one class did in a run (the report's `classes.{name}` row)."""
 
-    gpus = dict(fleet)
-    busy = {c: 0 for c in names}
-    free_total = sum(gpus.values())
-    busy_s = {c: 0.0 for c in names}
-    jobs_run = {c: 0 for c in names}
-    attempts_on = {c: 0 for c in names}
-    spilled_in = {c: 0 for c in names}
-    spilled_out = {c: 0 for c in names}
-    oom_on = {c: 0 for c in names}
-    oom_retries = oom_failed = rejected = 0
-    late = 0
-    aborted = False
-    running: list[tuple[float, int, int, str, bool]] = []  # (finish time, seq, job, class, out of memory)
-    seq = 0
-    overhead = config.overhead_s
-    heappush, heappop = heapq.heappush, heapq.heappop
-    i = 0
-    now = 0.0
-    while i < n or running:
-        now = arr_t[i] if i < n else math.inf
-        if running and running[0][0] <= now:
-            now = running[0][0]
-        # 1) attempts that end now (the manager's `_execute` -> `_on_failure`)
+    gpus: int
+    busy: int = 0  # GPUs running an attempt now
+    busy_s: float = 0.0
+    jobs_run: int = 0
+    attempts: int = 0
+    spilled_in: int = 0
+    spilled_out: int = 0
+    oom: int = 0
+
+
+class _Run:
+    """One simulation: the trace's jobs through the farm's scheduler in virtual time.
+
+    `run()` repeats, at each instant something happens: attempts that end (the manager's
+    `Attempts.execute` -> `on_failure`), arrivals (`JobManager._submit`), then dispatch
+    (`Attempts.dispatch` with `Capacity.free_slots`). Per job it keeps wait, finish, status and
+    classes, in lists by trace index.
+    """
+
+    def __init__(self, trace: Trace, fleet: Mapping[str, int], classes: ClassSet, config: SimConfig,
+                 late_wait_s: float | None, max_late: int | None):
+        self.trace, self.fleet, self.classes, self.config = trace, fleet, classes, config
+        self.late_wait_s, self.max_late = late_wait_s, max_late
+        self.names = classes.names
+        self.memory = {c: classes[c].memory_bytes for c in self.names}
+        self.sched = make_scheduler(classes, config)
+        self.with_caller = "caller" in _QUEUED_FIELDS
+        # The manager's `Capacity.seconds_left`: per class, the estimated seconds left of each running job.
+        self.pass_busy = (config.spill and config.spill_rule == "earliest_finish"
+                          and "busy" in inspect.signature(Scheduler.assign).parameters)
+        self.expected_end: dict[str, dict[int, float]] = {c: {} for c in self.names}  # job -> start + estimate
+        self.estimates = self._estimates()
+        n = len(trace)
+        self.jobs: list[QueuedJob | None] = [None] * n
+        self.queued_since = [0.0] * n
+        self.wait = [0.0] * n
+        self.finish = [math.nan] * n
+        self.final_class: list[str | None] = [None] * n
+        self.first_start = [math.nan] * n
+        self.status = [""] * n
+        self.stats = {c: _ClassStats(gpus=fleet[c]) for c in self.names}
+        self.free_total = sum(fleet.values())
+        self.oom_retries = self.oom_failed = self.rejected = self.late = 0
+        self.aborted = False
+        self.running: list[tuple[float, int, int, str, bool]] = []  # (finish time, seq, job, class, OOM)
+        self.seq = 0
+        self.next_arrival = 0
+
+    def _estimates(self) -> list[tuple[int, dict[str, float], int]]:
+        """The cost model once per distinct request: (peak VRAM, run seconds per class, steps)."""
+        config, scale = self.config, self.config.time_scale
+        out = []
+        for spec in self.trace.specs:
+            params = request_params(spec)
+            _, _, vram, seconds = estimate_request(
+                self.classes, params, spec.get("image_width", 512), spec.get("image_height", 512),
+                dtype=config.dtype, cpu_offload=config.cpu_offload, decode_chunk_size=config.decode_chunk_size)
+            out.append((vram, {k: v * scale for k, v in seconds.items()}, params.num_inference_steps))
+        return out
+
+    def run(self) -> float:
+        """Simulate until every job has ended (or the planner's abort); return the last instant."""
+        arr_t, n, running = self.trace.t, len(self.trace), self.running
+        now = 0.0
+        while self.next_arrival < n or running:
+            now = arr_t[self.next_arrival] if self.next_arrival < n else math.inf
+            if running and running[0][0] <= now:
+                now = running[0][0]
+            self._end_attempts(now)
+            self._arrive(now)
+            if self.free_total and len(self.sched):
+                self._dispatch(now)
+                if self.max_late is not None and self.late > self.max_late:
+                    self.aborted = True
+                    break
+        return now
+
+    def _end_attempts(self, now: float) -> None:
+        """Attempts that end at `now`: success, or an OOM the scheduler retries or fails."""
+        running = self.running
         while running and running[0][0] <= now:
-            _, _, j, c, oom = heappop(running)
-            busy[c] -= 1
-            if pass_busy:
-                del expected_end[c][j]
-            free_total += 1
-            job = jobs[j]
-            if oom:
-                oom_on[c] += 1
-                job.home = c  # retry on the class above the one that ran out
-                decision = sched.on_failure(job, "oom", "out of memory (simulated)")
-                if isinstance(decision, Retry):
-                    oom_retries += 1
-                    queued_since[j] = now
-                    sched.requeue(job)
-                else:
-                    oom_failed += 1
-                    status[j] = "failed"
-                    finish[j] = now
+            _, _, j, c, oom = heapq.heappop(running)
+            self.stats[c].busy -= 1
+            if self.pass_busy:
+                del self.expected_end[c][j]
+            self.free_total += 1
+            if not oom:
+                self.stats[c].jobs_run += 1
+                self.status[j], self.finish[j] = "succeeded", now
+                continue
+            self.stats[c].oom += 1
+            job = self.jobs[j]
+            job.home = c  # retry on the class above the one that ran out
+            if isinstance(self.sched.on_failure(job, "oom", "out of memory (simulated)"), Retry):
+                self.oom_retries += 1
+                self.queued_since[j] = now
+                self.sched.requeue(job)
             else:
-                jobs_run[c] += 1
-                status[j] = "succeeded"
-                finish[j] = now
-        # 2) arrivals now (the manager's `_submit`)
-        while i < n and arr_t[i] <= now:
-            vram, seconds, _ = estimates[spec_of[i]]
-            fields = {"id": str(i), "vram_bytes": vram, "seconds": seconds, "priority": prio_of[i], "seq": i + 1}
-            if with_caller:
-                fields["caller"] = caller_of[i]
+                self.oom_failed += 1
+                self.status[j], self.finish[j] = "failed", now
+
+    def _arrive(self, now: float) -> None:
+        """Jobs that arrive by `now`: placed and admitted, or refused when no class fits."""
+        trace, i = self.trace, self.next_arrival
+        while i < len(trace) and trace.t[i] <= now:
+            vram, seconds, _ = self.estimates[trace.spec[i]]
+            fields = {"id": str(i), "vram_bytes": vram, "seconds": seconds, "priority": trace.priority[i],
+                      "seq": i + 1}
+            if self.with_caller:
+                fields["caller"] = trace.caller[i]
             job = QueuedJob(**fields)
             try:
-                sched.admit(job)
+                self.sched.admit(job)
             except NoClassFits:
-                rejected += 1
-                status[i] = "rejected"
+                self.rejected += 1
+                self.status[i] = "rejected"
             else:
-                jobs[i] = job
-                queued_since[i] = now
+                self.jobs[i] = job
+                self.queued_since[i] = now
             i += 1
-        # 3) dispatch (the manager's `_dispatch` with `_free_slots`)
-        if free_total and len(sched):
-            free = {c: gpus[c] - busy[c] for c in names}
-            if pass_busy:
-                # Only the soonest `queued` of them can matter to the plan (each job takes one).
-                queued = len(sched)
-                left = {}
-                for c in names:
-                    ends = expected_end[c].values()
-                    if len(ends) > queued:
-                        ends = heapq.nsmallest(queued, ends)
-                    left[c] = [e - now if e > now else 0.0 for e in ends]
-                assigned = sched.assign(free, busy=left)
-            else:
-                assigned = sched.assign(free)
-            for job, c in assigned:
-                j = int(job.id)
-                waited = now - queued_since[j]
-                wait[j] += waited
-                if first_start[j] != first_start[j]:
-                    first_start[j] = now
-                if (late_wait_s is not None and kind_of[j] == "interactive" and wait[j] > late_wait_s
-                        and wait[j] - waited <= late_wait_s):  # counted once, when it crosses the limit
-                    late += 1
-                vram, seconds, steps = estimates[spec_of[j]]
-                oom = vram * factor_of[j] > memory[c]
-                run = (seconds[c] / steps if oom else seconds[c]) + overhead
-                busy[c] += 1
-                free_total -= 1
-                busy_s[c] += run
-                attempts_on[c] += 1
-                if c != job.home:
-                    spilled_in[c] += 1
-                    spilled_out[job.home] += 1
-                final_class[j] = c
-                seq += 1
-                heappush(running, (now + run, seq, j, c, oom))
-                if pass_busy:
-                    expected_end[c][j] = now + seconds[c]
-            if max_late is not None and late > max_late:
-                aborted = True
-                break
+        self.next_arrival = i
 
-    return _report(
-        trace, fleet, classes, prices, config, started_wall, now,
-        wait=wait, finish=finish, status=status, final_class=final_class, first_start=first_start,
-        busy_s=busy_s, jobs_run=jobs_run, attempts_on=attempts_on, spilled_in=spilled_in,
-        spilled_out=spilled_out, oom_on=oom_on, oom_retries=oom_retries, oom_failed=oom_failed,
-        rejected=rejected, aborted=aborted, record_jobs=record_jobs,
-    )
+    def _dispatch(self, now: float) -> None:
+        """Ask the scheduler for the free GPUs and start what it answers."""
+        free = {c: self.fleet[c] - self.stats[c].busy for c in self.names}
+        if not self.pass_busy:
+            assigned = self.sched.assign(free)
+        else:
+            # Only the soonest `queued` of them can matter to the plan (each job takes one).
+            queued = len(self.sched)
+            left = {}
+            for c in self.names:
+                ends = self.expected_end[c].values()
+                if len(ends) > queued:
+                    ends = heapq.nsmallest(queued, ends)
+                left[c] = [e - now if e > now else 0.0 for e in ends]
+            assigned = self.sched.assign(free, busy=left)
+        for job, c in assigned:
+            self._start(job, c, now)
+
+    def _start(self, job: QueuedJob, c: str, now: float) -> None:
+        """One attempt of `job` on class `c` from `now`: it ends (or runs out of memory) later."""
+        j = int(job.id)
+        waited = now - self.queued_since[j]
+        self.wait[j] += waited
+        if self.first_start[j] != self.first_start[j]:
+            self.first_start[j] = now
+        if (self.late_wait_s is not None and self.trace.kind[j] == "interactive" and self.wait[j] > self.late_wait_s
+                and self.wait[j] - waited <= self.late_wait_s):  # counted once, when it crosses the limit
+            self.late += 1
+        vram, seconds, steps = self.estimates[self.trace.spec[j]]
+        oom = vram * self.trace.vram_factor[j] > self.memory[c]
+        took = (seconds[c] / steps if oom else seconds[c]) + self.config.overhead_s
+        stats = self.stats[c]
+        stats.busy += 1
+        self.free_total -= 1
+        stats.busy_s += took
+        stats.attempts += 1
+        if c != job.home:
+            stats.spilled_in += 1
+            self.stats[job.home].spilled_out += 1
+        self.final_class[j] = c
+        self.seq += 1
+        heapq.heappush(self.running, (now + took, self.seq, j, c, oom))
+        if self.pass_busy:
+            self.expected_end[c][j] = now + seconds[c]
 
 
 def percentiles(values: np.ndarray) -> dict[str, float | None]:
@@ -326,12 +359,13 @@ def percentiles(values: np.ndarray) -> dict[str, float | None]:
     return out
 
 
-def _report(trace, fleet, classes, prices, config, started_wall, end, *, wait, finish, status, final_class,
-            first_start, busy_s, jobs_run, attempts_on, spilled_in, spilled_out, oom_on, oom_retries,
-            oom_failed, rejected, aborted, record_jobs) -> dict[str, Any]:
+def _report(run: _Run, prices: Mapping[str, float], started_wall: float, end: float,
+            record_jobs: bool) -> dict[str, Any]:
+    trace, fleet, classes, config = run.trace, run.fleet, run.classes, run.config
+    finish, status = run.finish, run.status
     arr = np.asarray(trace.t, dtype=float)
     finish_a = np.asarray(finish, dtype=float)
-    wait_a = np.asarray(wait, dtype=float)
+    wait_a = np.asarray(run.wait, dtype=float)
     status_a = np.asarray(status)
     done = status_a == "succeeded"
     kind_a = np.asarray(trace.kind)
@@ -348,26 +382,27 @@ def _report(trace, fleet, classes, prices, config, started_wall, end, *, wait, f
 
     class_rows = {}
     for c in classes.names:
+        st = run.stats[c]
         class_rows[c] = {
             "gpus": fleet[c],
             "gpu": classes[c].gpu,
-            "utilization": round(min(1.0, busy_s[c] / (fleet[c] * horizon)), 4),
-            "busy_gpu_hours": round(busy_s[c] / 3600.0, 2),
-            "jobs_run": jobs_run[c],
-            "attempts": attempts_on[c],
-            "spilled_in": spilled_in[c],
-            "spilled_out": spilled_out[c],
-            "oom": oom_on[c],
+            "utilization": round(min(1.0, st.busy_s / (fleet[c] * horizon)), 4),
+            "busy_gpu_hours": round(st.busy_s / 3600.0, 2),
+            "jobs_run": st.jobs_run,
+            "attempts": st.attempts,
+            "spilled_in": st.spilled_in,
+            "spilled_out": st.spilled_out,
+            "oom": st.oom,
         }
     n = len(trace)
     report: dict[str, Any] = {
         "trace": trace.name,
         "fleet": dict(fleet),
         "jobs": {"submitted": n, "succeeded": int(done.sum()), "failed": int((status_a == "failed").sum()),
-                 "rejected": rejected, "unfinished": int(n - finished.sum() - rejected)},
+                 "rejected": run.rejected, "unfinished": int(n - finished.sum() - run.rejected)},
         "classes": class_rows,
-        "oom_retries": oom_retries,
-        "oom_failed": oom_failed,
+        "oom_retries": run.oom_retries,
+        "oom_failed": run.oom_failed,
         "wait_s": percentiles(wait_a[done]),
         "latency_s": percentiles(latency[done]),
         "by_priority": {p: group(prio_a == p) for p in sorted(PRIORITY_RANK, key=PRIORITY_RANK.get, reverse=True)
@@ -377,7 +412,7 @@ def _report(trace, fleet, classes, prices, config, started_wall, end, *, wait, f
         "trace_hours": round(trace.duration / 3600.0, 3),
         "makespan_s": round(makespan, 3),
         "jobs_per_hour": round(float(done.sum()) / (horizon / 3600.0), 1),
-        "aborted": aborted,
+        "aborted": run.aborted,
         "settings": {"spill": config.spill, "spill_rule": config.spill_rule, "fair_share": config.fair_share,
                      "max_attempts": config.max_attempts,
                      "time_scale": config.time_scale, "overhead_s": config.overhead_s},
@@ -389,7 +424,8 @@ def _report(trace, fleet, classes, prices, config, started_wall, end, *, wait, f
                           "per_1000_jobs": round(1000 * total / done.sum(), 2) if done.any() else None,
                           "prices": {c: prices[c] for c in classes.names}}
     if record_jobs:
-        report["job_log"] = [[str(j), final_class[j], None if first_start[j] != first_start[j] else first_start[j],
+        first_start = run.first_start
+        report["job_log"] = [[str(j), run.final_class[j], None if first_start[j] != first_start[j] else first_start[j],
                               None if not finished[j] else finish[j], status[j]] for j in range(n)]
     report["wall_s"] = round(time.perf_counter() - started_wall, 3)
     return report

@@ -323,6 +323,7 @@
     if (!out.negative_prompt) delete out.negative_prompt;
     const lora = $("lora") ? $("lora").value.trim() : "";
     if (lora) out.lora = lora;  // NAME:SCALE, ... (the farm parses it; docs/adapters.md)
+    if ($("live_preview") && !$("live_preview").checked) out.preview = false;  // default: previews on
     return out;
   }
 

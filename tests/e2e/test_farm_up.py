@@ -65,10 +65,11 @@ class Proc:
 
 @pytest.fixture(scope="module")
 def farm_up(tmp_path_factory):
-    """`i2v-farm up` with the embedded defaults (tiny-random, ./outputs), on a free port."""
+    """`i2v-farm up` with the embedded defaults (tiny-random, ./outputs) and Ray's dashboard, on a
+    free port. One farm for the module: the last test stops it with Ctrl-C."""
     cwd = tmp_path_factory.mktemp("farm-up")
     port = free_port()
-    proc = Proc(["up", "--port", str(port)], cwd)
+    proc = Proc(["up", "--port", str(port), "--dashboard"], cwd)
     try:
         proc.wait_for("ready at", timeout=240)
         yield proc, f"http://127.0.0.1:{port}", cwd, port
@@ -158,19 +159,31 @@ def test_up_refuses_a_taken_port(farm_up, tmp_path):
     assert f"port {port}" in second.stderr and "in use" in second.stderr
 
 
-def test_ctrl_c_stops_the_farm(tmp_path):
-    port = free_port()
-    proc = Proc(["up", "--port", str(port), "--model", "sim", "--simulate", "12gb:1", "--dashboard"], tmp_path)
-    proc.wait_for("ready at", timeout=240)
-    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
-    _ray_cli_works_as_up_says(proc, tmp_path)
+def test_up_plans_simulated_nodes_and_refuses_a_bad_spec():
+    """`--simulate` (no processes: what `up` would start; the start itself is the fixture's)."""
+    from serving.config import load_settings
+    from serving.launcher import LaunchError, plan_nodes
+
+    settings = load_settings(env={})
+    assert plan_nodes(settings, "12gb:2,24gb:1") == (
+        {"12gb": 2, "24gb": 1}, "simulated nodes (fake GPUs): 2 x 12gb, 1 x 24gb")
+    with pytest.raises(LaunchError) as err:
+        plan_nodes(settings, "13gb:1")
+    assert err.value.field == "simulate"
+
+
+def test_ctrl_c_stops_the_farm(farm_up, tmp_path):
+    """The module's last test: Ctrl-C stops the farm the others used."""
+    proc, url, cwd, _ = farm_up
+    assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+    _ray_cli_works_as_up_says(proc, cwd, tmp_path)
     assert proc.stop() == 0
     assert "stopped" in proc.output
     with pytest.raises(requests.ConnectionError):
-        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        requests.get(f"{url}/healthz", timeout=5)
 
 
-def _ray_cli_works_as_up_says(proc: Proc, tmp_path: Path) -> None:
+def _ray_cli_works_as_up_says(proc: Proc, cwd: Path, tmp_path: Path) -> None:
     """`up --dashboard` prints the shell line for `ray job submit` (the token FILE, never the token);
     a shell with just those variables reaches the Jobs API, one without them is refused."""
     import shlex
@@ -180,7 +193,7 @@ def _ray_cli_works_as_up_says(proc: Proc, tmp_path: Path) -> None:
     assignments = dict(w.split("=", 1) for w in words[:words.index("ray")])
     address = words[words.index("--address") + 1]
     token_file = Path(assignments["RAY_AUTH_TOKEN_PATH"])
-    assert assignments["RAY_AUTH_MODE"] == "token" and token_file == tmp_path / "outputs" / "ray_token"
+    assert assignments["RAY_AUTH_MODE"] == "token" and token_file == cwd / "outputs" / "ray_token"
     assert token_file.read_text().strip() not in proc.output
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     base["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on

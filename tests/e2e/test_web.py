@@ -2,9 +2,9 @@
 by Playwright; no browser download) against `i2v-farm up` started as a process (tiny-random).
 
 Upload an image, pick a preset, generate, watch the video play with the right duration, watch a
-long job's clip form in the live preview, cancel a running job from the history, open the
-finished one again from the history. A screenshot of the finished page is saved under the test's
-tmp dir and copied to `test-artifacts/web-page.png`.
+long job's clip form in the live preview (and turn previews off for the next), cancel a running
+job from the history, open the finished one again from the history. A screenshot of the finished
+page is saved under the test's tmp dir and copied to `test-artifacts/web-page.png`.
 """
 
 from __future__ import annotations
@@ -151,6 +151,7 @@ def test_page_generates_plays_cancels_and_reopens_from_history(farm, browser, tm
     # one frame of the strip at a time: 584x440 output -> 73x55 latents -> 160x121 (preview_max_side 160)
     page.wait_for_function("() => { const c = document.getElementById('job-preview'); "
                            "return c.width === 160 && c.height === 121 }")
+    page.get_by_label("Live preview", exact=True).uncheck()  # the job behind it asks for none
     page.get_by_role("button", name="Generate").click()
     expect(progress).to_contain_text("Queued: position 1 in the 80gb queue")
     third = _job_id_of(page)
@@ -167,8 +168,9 @@ def test_page_generates_plays_cancels_and_reopens_from_history(farm, browser, tm
     expect(live).to_be_hidden()  # previews live only while a job runs
     expect(running.get_by_role("button", name="Cancel")).to_be_hidden()
     job = requests.get(f"{farm}/v1/jobs/{second}", timeout=30).json()
-    assert job["status"] == "canceled" and job["progress"]["step"] < 50, job
-    assert requests.get(f"{farm}/v1/jobs/{third}", timeout=30).json()["status"] == "canceled"
+    assert job["status"] == "canceled" and job["progress"]["step"] < 50 and job["params"]["preview"] is True, job
+    job = requests.get(f"{farm}/v1/jobs/{third}", timeout=30).json()
+    assert job["status"] == "canceled" and job["params"]["preview"] is False, job
 
     # Open the finished job again from the history: its video plays again.
     item.get_by_role("button", name="Open").click()

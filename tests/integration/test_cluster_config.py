@@ -73,16 +73,16 @@ def test_simulated_cluster_runs_on_loopback_with_class_nodes():
 
     kv_before = internal_kv.global_gcs_client  # a shared cluster's, if this process is connected
     t0 = time.monotonic()
-    sim = SimulatedCluster("12gb:2,24gb:1", head_cpus=2, node_cpus=1)
+    sim = SimulatedCluster("12gb:2", head_cpus=2, node_cpus=1)  # a second class joins below
     try:
         sim.start()
         nodes = sim.nodes()
-        assert len(nodes) == 4
+        assert len(nodes) == 3
         assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
         assert sim.address.startswith("127.0.0.1:")
 
         by_class = sim.nodes_by_class()
-        assert {name: len(ids) for name, ids in by_class.items()} == {"12gb": 2, "24gb": 1}
+        assert {name: len(ids) for name, ids in by_class.items()} == {"12gb": 2}
         heads = [n for n in nodes if n["Resources"].get(HEAD_RESOURCE)]
         assert len(heads) == 1 and heads[0]["Resources"].get("GPU", 0) == 0
         assert heads[0]["NodeID"] == sim.head_node_id
@@ -94,7 +94,7 @@ def test_simulated_cluster_runs_on_loopback_with_class_nodes():
         sim.remove_node(by_class["12gb"][0])
         added = sim.add_class_node("40gb")
         after = sim.nodes_by_class()
-        assert {name: len(ids) for name, ids in after.items()} == {"12gb": 1, "24gb": 1, "40gb": 1}
+        assert {name: len(ids) for name, ids in after.items()} == {"12gb": 1, "40gb": 1}
         assert after["40gb"] == [added]
         with pytest.raises(ValueError):
             sim.remove_node(sim.head_node_id)

@@ -9,7 +9,7 @@ from datetime import datetime
 from serving.client import FarmClient
 from tests.integration.conftest import deploy_secured, undeploy
 
-BATCH = 10
+BATCH = 6  # first come, first served would put the interactive job behind ~5 of them
 # sim: ~1 s on the 12gb worker (1% of the cost model's RTX 3060 time), the same for both callers
 JOB = {"resolution": "512p", "num_frames": 16, "num_inference_steps": 25}
 

@@ -23,11 +23,21 @@ GiB = 2**30
 LONG_512 = {"resolution": "512p", "num_frames": 16, "num_inference_steps": 100}
 
 
-@pytest.fixture(scope="module")
-def farm(ray_cluster, tmp_path_factory):
+def _deploy(ray_cluster, path):
     # `idle` spill rule: these tests pin where a job runs (its home class unless that is full);
     # the default earliest-finish rule is tested in test_fair_share.py
-    farm = deploy(ray_cluster, tmp_path_factory.mktemp("farm"), workers=WORKERS, spill_rule="idle")
+    return deploy(ray_cluster, path, workers=WORKERS, spill_rule="idle")
+
+
+@pytest.fixture(scope="module")
+def farm_dir(tmp_path_factory):
+    """The farm's job store and storage, for the restart test to deploy it again on."""
+    return tmp_path_factory.mktemp("farm")
+
+
+@pytest.fixture(scope="module")
+def farm(ray_cluster, farm_dir):
+    farm = _deploy(ray_cluster, farm_dir)
     yield farm
     undeploy()
 
@@ -279,17 +289,17 @@ def test_video_of_an_unfinished_job_is_409(farm):
     farm.cancel(job["id"])
 
 
-def test_farm_restart_resumes_queued_and_running_jobs(ray_cluster, tmp_path):
-    farm = deploy(ray_cluster, tmp_path, workers=WORKERS)
+def test_farm_restart_resumes_queued_and_running_jobs(farm, ray_cluster, farm_dir):
+    # the module's farm (the last test of the module: the farm it leaves is the redeployed one)
+    _idle(farm)
     jobs = [farm.submit_ok(resolution="512p", num_frames=16, num_inference_steps=60) for _ in range(6)]
     farm.wait(jobs[0]["id"], statuses=("running",), until=lambda j: j["progress"]["step"] >= 1)
     undeploy()  # the farm goes away with jobs running and queued
     with pytest.raises(requests.RequestException):
         requests.get(farm.url + "/healthz", timeout=2).raise_for_status()
 
-    farm = deploy(ray_cluster, tmp_path, workers=WORKERS)  # same job store and storage
+    farm = _deploy(ray_cluster, farm_dir)  # same settings, job store and storage
     done = [farm.wait(j["id"], timeout=120) for j in jobs]
     assert [d["status"] for d in done] == ["succeeded"] * 6, [(d["status"], d["error"], d["failures"], d["attempts"]) for d in done]
     requeued = [d for d in done if d.get("note") == "requeued after a farm restart"]
     assert requeued, "a job running at the restart is run again"
-    undeploy()

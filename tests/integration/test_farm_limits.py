@@ -12,10 +12,11 @@ from tests.integration.conftest import deploy, undeploy
 LONG_512 = {"resolution": "512p", "num_frames": 16, "num_inference_steps": 100}
 
 
-@pytest.fixture
-def small_farm(ray_cluster, tmp_path):
-    """Only 12gb workers, a backlog of 2 per class."""
-    farm = deploy(ray_cluster, tmp_path, workers={"12gb": {"min_replicas": 1, "max_replicas": 1}}, backlog_limit=2)
+@pytest.fixture(scope="module")
+def small_farm(ray_cluster, tmp_path_factory):
+    """Only 12gb workers, a backlog of 2 per class (one deployment for the tests below)."""
+    farm = deploy(ray_cluster, tmp_path_factory.mktemp("small-farm"),
+                  workers={"12gb": {"min_replicas": 1, "max_replicas": 1}}, backlog_limit=2)
     yield farm
     undeploy()
 
@@ -49,6 +50,7 @@ def test_full_backlog_answers_429_with_retry_after(small_farm):
 
 def test_out_of_memory_retries_on_the_next_larger_class_then_fails(ray_cluster, tmp_path):
     # The sim model's true peak is 1.5x the estimate: a cost model that underestimates.
+    undeploy()  # the small farm of the tests above, if deployed: this one starts from none, as they did
     farm = deploy(ray_cluster, tmp_path, sim_vram_factor=1.5, spill_rule="idle",  # first try: its home class
                   workers={"12gb": {"min_replicas": 1, "max_replicas": 1},
                            "24gb": {"min_replicas": 1, "max_replicas": 1}})

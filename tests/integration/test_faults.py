@@ -54,12 +54,20 @@ def _wait_for_replicas(farm, wanted: dict[str, int], timeout: float = 120) -> No
 # --- sim -----------------------------------------------------------------------------------------
 
 
-def test_a_gpu_node_removed_mid_job_loses_no_job(ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def sim_farm(ray_cluster, tmp_path_factory):
+    """One `sim` farm for the sim tests (each leaves it idle at full strength for the next)."""
+    farm = deploy(ray_cluster, tmp_path_factory.mktemp("faults"), workers=WORKERS, spill_rule="idle")
+    yield farm
+    undeploy()
+
+
+def test_a_gpu_node_removed_mid_job_loses_no_job(ray_cluster, sim_farm):
     """The machine running a job goes away (its raylet and every process on it): the job is run
     again on another GPU and succeeds, with the lost attempt on record. The shared cluster gets a
     new 12gb node afterwards, and the farm its full replica count, for the tests that follow."""
     sim, _ = ray_cluster
-    farm = deploy(ray_cluster, tmp_path, workers=WORKERS, spill_rule="idle")  # the job runs on a 12gb node
+    farm = sim_farm  # `idle` spill rule: the job runs on a 12gb node
     removed = None
     try:
         job = farm.submit_ok(**LONG_512)
@@ -85,48 +93,44 @@ def test_a_gpu_node_removed_mid_job_loses_no_job(ray_cluster, tmp_path):
         lost = [n for n in farm.cluster()["nodes"] if n["id"] == node]
         assert lost and not lost[0]["alive"]
     finally:
-        try:
-            if removed is not None:
-                sim.add_class_node("12gb")
-                _wait_for_replicas(farm, {"12gb": 2, "24gb": 1})
-        finally:
-            undeploy()
+        if removed is not None:
+            sim.add_class_node("12gb")
+            _wait_for_replicas(farm, {"12gb": 2, "24gb": 1})
     assert {name: len(ids) for name, ids in sim.nodes_by_class().items()} == {"12gb": 2, "24gb": 1}
 
 
-def test_the_job_manager_process_killed_mid_run_loses_no_job(ray_cluster, tmp_path):
+def test_the_job_manager_process_killed_mid_run_loses_no_job(sim_farm):
     """The process holding the scheduler dies without warning (not a clean restart): Serve starts
     a new one, which reads the job store back; every accepted job still ends `succeeded`, each
     once in the store, each with its video."""
-    farm = deploy(ray_cluster, tmp_path, workers=WORKERS)
-    try:
-        jobs = [farm.submit_ok(resolution="512p", num_frames=16, num_inference_steps=60) for _ in range(5)]
-        farm.wait(jobs[0]["id"], statuses=("running",), until=lambda j: j["progress"]["step"] >= 1)
-        from ray.util import list_named_actors
+    farm = sim_farm
+    _wait_for_replicas(farm, {"12gb": 2, "24gb": 1})
+    earlier = {j["id"] for j in farm.client.call("GET", "/v1/jobs?limit=500")["jobs"]}
+    jobs = [farm.submit_ok(resolution="512p", num_frames=16, num_inference_steps=60) for _ in range(5)]
+    farm.wait(jobs[0]["id"], statuses=("running",), until=lambda j: j["progress"]["step"] >= 1)
+    from ray.util import list_named_actors
 
-        managers = [a["name"] for a in list_named_actors(all_namespaces=True)
-                    if a["name"].startswith("SERVE_REPLICA::") and "#JobManager#" in a["name"]]
-        assert len(managers) == 1, managers
-        _kill_replica(managers[0])
+    managers = [a["name"] for a in list_named_actors(all_namespaces=True)
+                if a["name"].startswith("SERVE_REPLICA::") and "#JobManager#" in a["name"]]
+    assert len(managers) == 1, managers
+    _kill_replica(managers[0])
 
-        deadline = time.monotonic() + 60  # the API answers 5xx/timeouts until the new one is up
-        while True:
-            try:
-                if farm.session.get(farm.url + "/readyz", timeout=10).status_code == 200:
-                    break
-            except Exception:  # noqa: BLE001
-                pass
-            assert time.monotonic() < deadline, "the job manager did not come back"
-            time.sleep(0.5)
-        done = [farm.wait(j["id"], timeout=120) for j in jobs]
-        assert [d["status"] for d in done] == ["succeeded"] * 5, done
-        assert any(d.get("note") == "requeued after a farm restart" for d in done), done
-        listed = farm.client.call("GET", "/v1/jobs?limit=500")["jobs"]
-        assert sorted(j["id"] for j in listed) == sorted(j["id"] for j in jobs)  # none lost, none doubled
-        for d in done:
-            _stored_video(farm, d)
-    finally:
-        undeploy()
+    deadline = time.monotonic() + 60  # the API answers 5xx/timeouts until the new one is up
+    while True:
+        try:
+            if farm.session.get(farm.url + "/readyz", timeout=10).status_code == 200:
+                break
+        except Exception:  # noqa: BLE001
+            pass
+        assert time.monotonic() < deadline, "the job manager did not come back"
+        time.sleep(0.5)
+    done = [farm.wait(j["id"], timeout=120) for j in jobs]
+    assert [d["status"] for d in done] == ["succeeded"] * 5, done
+    assert any(d.get("note") == "requeued after a farm restart" for d in done), done
+    listed = [j["id"] for j in farm.client.call("GET", "/v1/jobs?limit=500")["jobs"] if j["id"] not in earlier]
+    assert sorted(listed) == sorted(j["id"] for j in jobs)  # none lost, none doubled
+    for d in done:
+        _stored_video(farm, d)
 
 
 @pytest.mark.slow  # the rule itself: tests/unit/test_manager.py (fake worker); this is the same through Ray
@@ -172,7 +176,7 @@ def test_a_job_that_keeps_killing_its_worker_fails_with_the_reason(ray_cluster, 
 # --- tiny-random: the real model code on the CPU -----------------------------------------------
 # `slow` (in `make test-all`, not the default run; ~65 s and ~86 s on 2 cores): the same faults
 # with `sim` above and in test_farm.py, the JobManager's recovery in tests/unit/test_manager.py,
-# and the real model rendering in the farm in tests/e2e/test_farm_up.py and test_worker_threads.py
+# and the real model rendering in the farm in tests/e2e/test_farm_up.py and test_preview.py
 # cover the default run; these two add the combination, at the price of loading the model twice.
 
 

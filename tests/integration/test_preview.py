@@ -1,12 +1,14 @@
 """Live previews through HTTP on the farm with the real model code (`tiny-random`, CPU): the SSE
 `preview` events of a denoising job, `GET /v1/jobs/{id}/preview` while it runs and after, a job
-that turns previews off, and the same video either way (previews never touch the result)."""
+that turns previews off, and the same video either way (previews never touch the result). The
+same farm's worker also shows the default CPU threads rule (issue 17; see test_worker_threads.py)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -16,10 +18,12 @@ import requests
 
 from pipeline.video import ffmpeg_exe
 from tests.integration.conftest import deploy, undeploy
+from tests.integration.test_worker_threads import _status, _workers
 
 ONE_12GB = {"12gb": {"min_replicas": 1, "max_replicas": 1}}
-# tiny-random on a CPU: the smallest render the farm takes (512p, 8 frames), a few steps
-JOB = {"resolution": "512p", "num_frames": 8, "num_inference_steps": 4, "seed": 7}
+# tiny-random on a CPU: the smallest render the farm takes (512p, 8 frames), two steps
+JOB = {"resolution": "512p", "num_frames": 8, "num_inference_steps": 2, "seed": 7}
+TINY_JOB = {"resolution": "512p", "num_frames": 8, "num_inference_steps": 2, "seed": 8, "preview": False}
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +125,28 @@ def test_a_bad_preview_field_is_a_422_naming_it(farm):
     r = farm.submit(**JOB, preview="sometimes")
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == "preview"
+
+
+# --- the same farm's CPU worker (issue 17) -------------------------------------------------------
+
+
+def test_cpu_worker_computes_on_the_nodes_cores(farm):
+    """A worker on a node without a GPU computes on the node's cores (not the one thread Ray's
+    OMP_NUM_THREADS=num_cpus would give it), says so in `GET /v1/cluster`, and `i2v-farm status`
+    prints it (on this module's farm: `worker_cpus` 1, the default; previews change nothing here)."""
+    cores = len(os.sched_getaffinity(0))
+    [worker] = _workers(farm)
+    assert worker["device"] == "cpu" and worker["threads_rule"] == "auto_cpu", worker
+    assert worker["threads"] == worker["node_cores"] == cores, worker  # torch threads of its render thread
+    assert worker["worker_cpus"] == 1.0
+    assert worker["torch_imported_before"] is False, worker  # its settings came before torch loaded
+    assert worker["cuda_alloc_conf"] is None, worker  # no GPU: no allocator config
+
+    job = farm.submit_ok(**TINY_JOB)
+    done = farm.wait(job["id"], timeout=240)
+    assert done["status"] == "succeeded", done
+    assert done["replica"] == worker["replica"]
+
+    out = _status(farm)
+    assert f"12gb: 1 replicas running (1-1), 0 busy, 0 queued; cpu threads {cores}\n" in out, out
+    assert f": cpu, {cores} cpu threads (auto: no GPU, the node's {cores} cores), node {worker['node'][:8]}" in out

@@ -75,70 +75,77 @@ def test_presigned_urls_are_signed_for_the_public_endpoint(s3):
     assert url.startswith("https://files.example.org/pub-bucket/jobs/k/video.mp4?")
 
 
-def test_farm_stores_results_in_s3_and_redirects_to_a_presigned_url(ray_cluster, tmp_path, s3):
-    farm = deploy(ray_cluster, tmp_path, workers=WORKERS, **s3.settings("farm-results"))
+@pytest.fixture(scope="module")
+def s3_farm(ray_cluster, tmp_path_factory):
+    """The farm storing in bucket `farm-results` of its own S3 server (one deployment for the two
+    farm tests; the outage test stops and restarts that server, so it runs last)."""
+    server = S3Server().start()
     try:
-        job = farm.submit_ok(image=png_bytes(160, 120), resolution="512p", num_frames=8, num_inference_steps=5)
-        done = farm.wait(job["id"])
-        assert done["status"] == "succeeded", done
-        prefix = done["prefix"]
-        assert prefix.startswith("jobs/") and prefix.endswith(f"/{job['id']}/")
-
-        other = s3.boto3()
-        listed = other.list_objects_v2(Bucket="farm-results", Prefix=prefix)["Contents"]
-        assert sorted(o["Key"][len(prefix):] for o in listed) == ["input.png", "params.json", "poster.jpg",
-                                                                    "video.mp4"]
-        head = other.head_object(Bucket="farm-results", Key=prefix + "video.mp4")
-        assert head["ContentType"] == "video/mp4" and head["ContentLength"] == done["result"]["bytes"]
-        assert other.get_object(Bucket="farm-results", Key=prefix + "input.png")["Body"].read() == png_bytes(160, 120)
-
-        r = requests.get(farm.url + done["result"]["url"], allow_redirects=False, timeout=10)
-        assert r.status_code == 307
-        presigned = r.headers["location"]
-        assert presigned.startswith(f"http://{s3.endpoint}/farm-results/{prefix}video.mp4?")
-        video = requests.get(presigned, timeout=10)  # a plain HTTP client, no credentials
-        assert video.status_code == 200
-        path = tmp_path / "from-s3.mp4"
-        path.write_bytes(video.content)
-        stream = ffprobe(path)
-        assert int(stream["nb_read_frames"]) == 8 and stream["codec_name"] == "h264"
-        poster = requests.get(farm.url + done["result"]["poster_url"], timeout=10)  # follows the redirect
-        assert poster.status_code == 200 and poster.content[:2] == b"\xff\xd8"
+        yield deploy(ray_cluster, tmp_path_factory.mktemp("s3-farm"), workers=WORKERS,
+                     **server.settings("farm-results")), server
     finally:
-        undeploy()
+        try:
+            undeploy()
+        finally:
+            server.stop()
 
 
-def test_s3_down_mid_run_loses_no_result(ray_cluster, tmp_path):
+def test_farm_stores_results_in_s3_and_redirects_to_a_presigned_url(s3_farm, tmp_path):
+    farm, s3 = s3_farm
+    job = farm.submit_ok(image=png_bytes(160, 120), resolution="512p", num_frames=8, num_inference_steps=5)
+    done = farm.wait(job["id"])
+    assert done["status"] == "succeeded", done
+    prefix = done["prefix"]
+    assert prefix.startswith("jobs/") and prefix.endswith(f"/{job['id']}/")
+
+    other = s3.boto3()
+    listed = other.list_objects_v2(Bucket="farm-results", Prefix=prefix)["Contents"]
+    assert sorted(o["Key"][len(prefix):] for o in listed) == ["input.png", "params.json", "poster.jpg",
+                                                                "video.mp4"]
+    head = other.head_object(Bucket="farm-results", Key=prefix + "video.mp4")
+    assert head["ContentType"] == "video/mp4" and head["ContentLength"] == done["result"]["bytes"]
+    assert other.get_object(Bucket="farm-results", Key=prefix + "input.png")["Body"].read() == png_bytes(160, 120)
+
+    r = requests.get(farm.url + done["result"]["url"], allow_redirects=False, timeout=10)
+    assert r.status_code == 307
+    presigned = r.headers["location"]
+    assert presigned.startswith(f"http://{s3.endpoint}/farm-results/{prefix}video.mp4?")
+    video = requests.get(presigned, timeout=10)  # a plain HTTP client, no credentials
+    assert video.status_code == 200
+    path = tmp_path / "from-s3.mp4"
+    path.write_bytes(video.content)
+    stream = ffprobe(path)
+    assert int(stream["nb_read_frames"]) == 8 and stream["codec_name"] == "h264"
+    poster = requests.get(farm.url + done["result"]["poster_url"], timeout=10)  # follows the redirect
+    assert poster.status_code == 200 and poster.content[:2] == b"\xff\xd8"
+
+
+def test_s3_down_mid_run_loses_no_result(s3_farm):
     """The store goes away while jobs render and comes back later: every job ends `succeeded`
     with all its files stored, none is rendered twice. (moto keeps objects in memory, so the
     restarted server starts empty: the files of these jobs can only come from the spools.)"""
-    server = S3Server().start()
-    farm = deploy(ray_cluster, tmp_path, workers=WORKERS, **server.settings("outage"))
-    try:
-        server.stop()  # the store is down before the jobs finish (jobs are still accepted)
-        jobs = [farm.submit_ok(resolution="512p", num_frames=16, num_inference_steps=40) for _ in range(4)]
-        spooled = [farm.wait(j["id"], statuses=("running",), until=lambda j: j.get("detail") == "uploading",
-                             timeout=120) for j in jobs]
-        assert all(j["status"] == "running" and j["result"] is None for j in spooled)
-        spool = Path(os.environ["I2V_CACHE_DIR"]) / "spool"
-        assert {j["id"] for j in jobs} <= {p.name for p in spool.iterdir() if (p / "manifest.json").exists()}
-        time.sleep(2)
-        assert all(farm.job(j["id"])["status"] == "running" for j in jobs)  # not succeeded while unstored
+    farm, server = s3_farm
+    server.stop()  # the store is down before the jobs finish (jobs are still accepted)
+    jobs = [farm.submit_ok(resolution="512p", num_frames=16, num_inference_steps=40) for _ in range(4)]
+    spooled = [farm.wait(j["id"], statuses=("running",), until=lambda j: j.get("detail") == "uploading",
+                         timeout=120) for j in jobs]
+    assert all(j["status"] == "running" and j["result"] is None for j in spooled)
+    spool = Path(os.environ["I2V_CACHE_DIR"]) / "spool"
+    assert {j["id"] for j in jobs} <= {p.name for p in spool.iterdir() if (p / "manifest.json").exists()}
+    time.sleep(2)
+    assert all(farm.job(j["id"])["status"] == "running" for j in jobs)  # not succeeded while unstored
 
-        server.start()  # same port, an empty server
-        done = [farm.wait(j["id"], timeout=120) for j in jobs]
-        assert [d["status"] for d in done] == ["succeeded"] * 4, done
-        assert all(d["attempts"] == 1 for d in done)  # rendered once, uploaded later
-        other = server.boto3()
-        for d in done:
-            keys = {o["Key"] for o in other.list_objects_v2(Bucket="outage", Prefix=d["prefix"])["Contents"]}
-            assert keys == {d["prefix"] + n for n in ("input.png", "params.json", "poster.jpg", "video.mp4")}
-            size = other.head_object(Bucket="outage", Key=d["prefix"] + "video.mp4")["ContentLength"]
-            assert size == d["result"]["bytes"]
-        assert not [p for p in spool.iterdir() if p.name in {j["id"] for j in jobs}]  # spools emptied
-    finally:
-        undeploy()
-        server.stop()
+    server.start()  # same port, an empty server
+    done = [farm.wait(j["id"], timeout=120) for j in jobs]
+    assert [d["status"] for d in done] == ["succeeded"] * 4, done
+    assert all(d["attempts"] == 1 for d in done)  # rendered once, uploaded later
+    other = server.boto3()
+    for d in done:
+        keys = {o["Key"] for o in other.list_objects_v2(Bucket="farm-results", Prefix=d["prefix"])["Contents"]}
+        assert keys == {d["prefix"] + n for n in ("input.png", "params.json", "poster.jpg", "video.mp4")}
+        size = other.head_object(Bucket="farm-results", Key=d["prefix"] + "video.mp4")["ContentLength"]
+        assert size == d["result"]["bytes"]
+    assert not [p for p in spool.iterdir() if p.name in {j["id"] for j in jobs}]  # spools emptied
 
 
 def test_gc_on_s3_deletes_old_job_prefixes(s3):

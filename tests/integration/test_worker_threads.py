@@ -2,7 +2,12 @@
 node's cores (not the one thread Ray's OMP_NUM_THREADS=num_cpus would give it), says so in
 `GET /v1/cluster`, and `i2v-farm status` prints it. On the shared simulated cluster the fake-GPU
 nodes are processes of this machine with no CUDA device, so "the node's cores" are this
-machine's (this process's affinity). The rule itself: tests/unit/test_worker_threads.py."""
+machine's (this process's affinity). The rule itself: tests/unit/test_worker_threads.py.
+
+The default-run check of the default (auto) rule, `test_cpu_worker_computes_on_the_nodes_cores`,
+is in tests/integration/test_preview.py: it uses that module's tiny-random farm (one 12gb CPU
+worker, as it would deploy here) instead of deploying its own. Here: the `worker_threads` setting
+(slow)."""
 
 from __future__ import annotations
 
@@ -18,9 +23,7 @@ import ray
 from tests.integration.conftest import deploy, undeploy
 
 ROOT = Path(__file__).resolve().parents[2]
-ONE_12GB = {"12gb": {"min_replicas": 1, "max_replicas": 1}}
 TWO_12GB = {"12gb": {"min_replicas": 2, "max_replicas": 2}}
-TINY_JOB = {"resolution": "512p", "num_frames": 8, "num_inference_steps": 2, "seed": 7}
 
 
 def _status(farm) -> str:
@@ -37,30 +40,7 @@ def _workers(farm, name: str = "12gb") -> list[dict]:
     return {c["name"]: c for c in farm.cluster()["classes"]}[name]["workers"]
 
 
-def test_cpu_worker_computes_on_the_nodes_cores(ray_cluster, tmp_path, tiny_model):
-    cores = len(os.sched_getaffinity(0))
-    farm = deploy(ray_cluster, tmp_path, model="tiny-random", workers=ONE_12GB)  # worker_cpus 1, the default
-    try:
-        [worker] = _workers(farm)
-        assert worker["device"] == "cpu" and worker["threads_rule"] == "auto_cpu", worker
-        assert worker["threads"] == worker["node_cores"] == cores, worker  # torch threads of its render thread
-        assert worker["worker_cpus"] == 1.0
-        assert worker["torch_imported_before"] is False, worker  # its settings came before torch loaded
-        assert worker["cuda_alloc_conf"] is None, worker  # no GPU: no allocator config
-
-        job = farm.submit_ok(**TINY_JOB)
-        done = farm.wait(job["id"], timeout=240)
-        assert done["status"] == "succeeded", done
-        assert done["replica"] == worker["replica"]
-
-        out = _status(farm)
-        assert f"12gb: 1 replicas running (1-1), 0 busy, 0 queued; cpu threads {cores}\n" in out, out
-        assert f": cpu, {cores} cpu threads (auto: no GPU, the node's {cores} cores), node {worker['node'][:8]}" in out
-    finally:
-        undeploy()
-
-
-@pytest.mark.slow  # the default (auto) rule runs in the default suite: test_cpu_worker_computes_on_the_nodes_cores
+@pytest.mark.slow  # the default (auto) rule runs in the default suite: test_preview.py::test_cpu_worker_computes_on_the_nodes_cores
 def test_worker_threads_setting_and_replaced_replicas(ray_cluster, tmp_path):
     farm = deploy(ray_cluster, tmp_path, model="sim", workers=TWO_12GB, worker_threads=3)
     try:

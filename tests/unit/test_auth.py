@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from fastapi import Request  # the test app's routes (annotations are resolved in this module)
 
 from serving.auth import RateLimiter, TokenStore, auth_enabled, hash_token
 
@@ -204,3 +205,146 @@ def test_an_expired_token_stops_working(tmp_path, monkeypatch):
     assert store.verify(forever).name == "forever"
     with pytest.raises(ValueError):
         store.create("never", expires_in_s=0)
+
+
+# --- serving.access: the ingress's guard, driven as ASGI (no Ray, no server) ---------------------
+
+def _guarded_app(tmp_path, **settings):
+    """A FastAPI app with the farm's access middleware and error handler, and routes that say who called."""
+    from fastapi import FastAPI
+
+    from pipeline.errors import I2VError
+    from serving.access import Guard, access_middleware, caller_of
+    from serving.api import _i2v_error
+    from serving.config import FarmSettings
+
+    app = FastAPI()
+    app.middleware("http")(access_middleware)
+    app.exception_handler(I2VError)(_i2v_error)
+    guard = Guard(FarmSettings(tokens_file=str(tmp_path / "tokens.json"), **settings))
+    app.state.guard = guard
+
+    @app.get("/v1/jobs")
+    async def jobs(request: Request):
+        return {"caller": caller_of(request).name}
+
+    @app.post("/v1/jobs")
+    async def submit(request: Request):
+        return {"caller": caller_of(request).name}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.post("/v1/login")
+    async def login(request: Request):
+        return await guard.login(request)
+
+    @app.post("/v1/logout")
+    async def logout(request: Request):
+        return guard.logout(request)
+
+    return app, guard
+
+
+def _call(app, method, path, headers=None, body=b""):
+    """One request through the ASGI app: (status, headers (lower-case names), JSON body)."""
+    import asyncio
+
+    headers = {"host": "127.0.0.1:8000", **(headers or {})}
+    if body:
+        headers["content-length"] = str(len(body))
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    out_headers: dict[str, list[str]] = {}
+    for k, v in start["headers"]:
+        out_headers.setdefault(k.decode().lower(), []).append(v.decode())
+    data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], out_headers, json.loads(data) if data else None
+
+
+def test_guard_lets_tokens_in_keeps_others_out_and_sets_the_security_headers(tmp_path):
+    app, guard = _guarded_app(tmp_path, auth="on")
+    token = guard.tokens.create("alice")
+    status, headers, body = _call(app, "GET", "/v1/jobs")
+    assert status == 401 and body["error"]["code"] == "unauthorized" and headers["www-authenticate"] == ["Bearer"]
+    assert "frame-ancestors 'none'" in headers["content-security-policy"][0]  # on refusals too
+    assert _call(app, "GET", "/v1/jobs", {"authorization": "Bearer " + token + "x"})[0] == 401
+    status, headers, body = _call(app, "GET", "/v1/jobs", {"authorization": "Bearer " + token})
+    assert (status, body) == (200, {"caller": "alice"}) and headers["x-frame-options"] == ["DENY"]
+    assert _call(app, "GET", "/healthz")[0] == 200  # public
+    # a browser on another origin may not change anything, whatever token it carries
+    status, _, body = _call(app, "POST", "/v1/jobs", {"authorization": "Bearer " + token,
+                                                      "origin": "http://evil.example", "sec-fetch-site": "cross-site"})
+    assert (status, body["error"]["code"]) == (403, "cross_origin")
+    assert _call(app, "POST", "/v1/jobs", {"authorization": "Bearer " + token,
+                                           "origin": "http://127.0.0.1:8000"})[2] == {"caller": "alice"}
+
+
+def test_login_makes_a_session_cookie_that_logout_and_revocation_end(tmp_path):
+    from serving.auth import COOKIE
+
+    app, guard = _guarded_app(tmp_path, auth="on")
+    token = guard.tokens.create("bob", max_priority="low")
+    status, _, body = _call(app, "POST", "/v1/login", {"content-type": "text/plain"}, b"token=" + token.encode())
+    assert (status, body["error"]["code"]) == (415, "unsupported_media_type")
+    status, _, body = _call(app, "POST", "/v1/login", {"content-type": "application/json"}, b'{"token": "i2v_no"}')
+    assert (status, body["error"]["code"], body["error"]["field"]) == (401, "unauthorized", "token")
+    status, headers, body = _call(app, "POST", "/v1/login", {"content-type": "application/x-www-form-urlencoded"},
+                                  b"token=" + token.encode())
+    assert (status, body) == (200, {"name": "bob", "admin": False, "max_priority": "low", "auth": True})
+    cookie = headers["set-cookie"][0]
+    assert cookie.startswith(COOKIE + "=") and "HttpOnly" in cookie and "samesite=strict" in cookie.lower()
+    sid = cookie.split(";")[0].split("=", 1)[1]
+    assert token not in cookie and guard.sessions.token_hash(sid) == hash_token(token)
+    with_cookie = {"cookie": f"{COOKIE}={sid}"}
+    assert _call(app, "GET", "/v1/jobs", with_cookie)[2] == {"caller": "bob"}
+    # a sibling site's fetch carries the cookie along: it counts for nothing
+    assert _call(app, "GET", "/v1/jobs", {**with_cookie, "sec-fetch-site": "same-site", "sec-fetch-mode": "cors"})[0] == 401
+    assert _call(app, "POST", "/v1/logout", with_cookie)[0] == 200
+    assert _call(app, "GET", "/v1/jobs", with_cookie)[0] == 401
+    # a new session ends when its token is revoked
+    sid = _call(app, "POST", "/v1/login", {"content-type": "application/json"},
+                json.dumps({"token": token}).encode())[1]["set-cookie"][0].split(";")[0].split("=", 1)[1]
+    assert _call(app, "GET", "/v1/jobs", {"cookie": f"{COOKIE}={sid}"})[0] == 200
+    time.sleep(0.01)
+    assert TokenStore(tmp_path / "tokens.json").revoke("bob")
+    assert _call(app, "GET", "/v1/jobs", {"cookie": f"{COOKIE}={sid}"})[0] == 401
+    assert guard.sessions.token_hash(sid) is None
+
+
+def test_open_loopback_farm_refuses_proxied_requests_and_checks_rate_and_priority(tmp_path):
+    from pipeline.errors import I2VError
+    from serving.access import check_priority
+    from serving.auth import Caller
+
+    app, guard = _guarded_app(tmp_path)  # auth: auto on 127.0.0.1: off
+    assert _call(app, "GET", "/v1/jobs")[2] == {"caller": "anonymous"}
+    status, _, body = _call(app, "GET", "/v1/jobs", {"x-forwarded-for": "203.0.113.9"})
+    assert (status, body["error"]["code"]) == (403, "proxy_without_auth")
+    assert _call(app, "GET", "/healthz", {"x-forwarded-for": "203.0.113.9"})[0] == 200
+    caller = Caller("c", False, rate_per_min=2, max_active=5, max_priority="normal")
+    guard.check_rate(caller)
+    guard.check_rate(caller)
+    with pytest.raises(I2VError) as refused:
+        guard.check_rate(caller)
+    assert refused.value.http_status == 429 and refused.value.code == "rate_limited"
+    assert int(refused.value.headers()["Retry-After"]) >= 1
+    check_priority(caller, "normal")
+    with pytest.raises(I2VError) as refused:
+        check_priority(caller, "high")
+    assert (refused.value.http_status, refused.value.code, refused.value.field) == (403, "priority_not_allowed",
+                                                                                     "priority")

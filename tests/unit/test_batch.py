@@ -136,6 +136,17 @@ def _rows(*fields):
     ({"image": "img", "prompt": "p"}, "image_not_found", "image", "directory"),
     ({"image": "img/a.png", "prompt": "p", "id": ""}, None, None, None),  # an empty id: derived
     ({"image": "img/a.png", "prompt": "p", "id": {"x": 1}}, "invalid_request", "id", "'id' must be"),
+    # reuse and webhooks: checked as POST /v1/jobs checks them
+    ({"image": "img/a.png", "prompt": "p", "reuse": "maybe"}, "invalid_request", "reuse", "true or false"),
+    ({"image": "img/a.png", "prompt": "p", "webhook": "ftp://hooks.example.com/h"}, "invalid_request", "webhook",
+     "https://"),
+    ({"image": "img/a.png", "prompt": "p", "webhook": "https://127.0.0.1:9/h"}, "egress_refused", "webhook",
+     "loopback"),
+    ({"image": "img/a.png", "prompt": "p", "webhook": ["x"]}, "invalid_request", "webhook", "must be a URL"),
+    ({"image": "img/a.png", "prompt": "p", "webhook_events": "failed"}, "invalid_request", "webhook_events",
+     "needs a 'webhook'"),
+    ({"image": "img/a.png", "prompt": "p", "webhook": "https://127.0.0.1:9/h", "webhook_events": "sometimes"},
+     "invalid_request", "webhook_events", "must name events"),
 ])
 def test_bad_rows_are_invalid_with_code_field_and_message(workdir, storage, tmp_path, fields, code, field, words):
     [row] = _check(_rows(fields), workdir, storage, tmp_path)
@@ -194,6 +205,52 @@ def test_row_ids_are_stable_and_follow_the_render_not_the_format(workdir, storag
     (workdir / "img" / "a.png").write_bytes(png(seed=9))
     [changed] = _check(jsonl[:1], workdir, storage, tmp_path)
     assert changed.id != a.id
+
+
+@pytest.fixture
+def hooks_dns():
+    """`hooks.example.com` resolves to a public address (no real DNS in unit tests)."""
+    from serving import egress
+
+    old = egress.set_resolver(lambda host, port: {"hooks.example.com": ["93.184.215.14"]}.get(host, []))
+    yield
+    egress.set_resolver(old)
+
+
+def test_rows_carry_reuse_and_webhooks_which_do_not_change_their_id(workdir, storage, tmp_path, hooks_dns):
+    csv_ = parse_manifest("image,prompt,reuse,webhook,webhook_events\n"
+                          "img/a.png,waves,false,https://hooks.example.com/h,\"failed,succeeded\"\n"
+                          "img/a.png,waves,,,\n"
+                          "img/b.png,cat,true,https://hooks.example.com/h,all\n", "csv")
+    hooked, plain, kept = _check(csv_, workdir, storage, tmp_path)
+    assert hooked.status == plain.status == kept.status == "pending"
+    assert hooked.fields["reuse"] is False and hooked.fields["webhook"] == "https://hooks.example.com/h"
+    assert hooked.fields["webhook_events"] == ["succeeded", "failed"]
+    assert "reuse" not in plain.fields and "webhook" not in plain.fields  # the farm's defaults
+    assert "reuse" not in kept.fields and kept.fields["webhook_events"] == ["succeeded", "failed", "canceled"]
+    # the same render: the same digest; the repeat is numbered as any repeat is
+    assert hooked.digest == plain.digest and plain.id == hooked.id + "-2"
+    [unresolved] = _check(_rows({"image": "img/a.png", "prompt": "p", "webhook": "https://nowhere.example.com/h"}),
+                          workdir, storage, tmp_path)
+    assert (unresolved.status, unresolved.error["field"]) == ("invalid", "webhook")
+
+
+def test_a_run_submits_reuse_and_webhooks_and_reports_bad_ones_per_row(workdir, farm, storage, hooks_dns):
+    rows = [{"image": "img/a.png", "prompt": "fresh", "reuse": False},
+            {"image": "img/b.png", "prompt": "hooked", "webhook": "https://hooks.example.com/h",
+             "webhook_events": ["failed"]},
+            {"image": "img/a.png", "prompt": "inside", "webhook": "https://169.254.169.254/latest"},
+            {"image": "img/b.png", "prompt": "plain"}]
+    code, lines, summary, log = _run(workdir, farm, storage, _manifest(workdir, rows))
+    assert code == 0, log
+    assert [(l["status"], (l["error"] or {}).get("code")) for l in lines] == [
+        ("succeeded", None), ("succeeded", None), ("invalid", "egress_refused"), ("succeeded", None)]
+    assert lines[2]["error"]["field"] == "webhook" and "line 3" in log
+    sent = {j["params"]["prompt"]: j["params"] for j in farm.jobs.values()}
+    assert set(sent) == {"fresh", "hooked", "plain"}
+    assert sent["fresh"]["reuse"] is False and "webhook" not in sent["fresh"]
+    assert (sent["hooked"]["webhook"], sent["hooked"]["webhook_events"]) == ("https://hooks.example.com/h", ["failed"])
+    assert not {"reuse", "webhook", "webhook_events"} & set(sent["plain"])
 
 
 def test_repeated_rows_get_numbered_ids_and_a_repeated_explicit_id_is_invalid(workdir, storage, tmp_path):
@@ -472,12 +529,30 @@ def test_main_usage_errors_exit_2(tmp_path, monkeypatch, capsys, keep_umask):
     assert batch.main(["m.jsonl"]) == 2
     assert "no rows" in capsys.readouterr().err
     (tmp_path / "m.jsonl").write_text('{"image": "a.png", "prompt": "p"}\n')
-    assert batch.main(["m.jsonl", "--url", "http://127.0.0.1:9", "--connect-timeout", "0"]) == 2
-    assert "does not answer" in capsys.readouterr().err
+    assert batch.main(["m.jsonl", "--url", "http://127.0.0.1:9", "--connect-timeout", "0", "--poll", "0.1"]) == 2
+    assert "does not answer" in capsys.readouterr().err  # --poll at its floor is fine
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
     monkeypatch.setenv("I2V_STORAGE_URL", "file://./outputs")
     assert batch.main(["m.jsonl"]) == 2
     assert "temporary working directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("poll", ["0", "0.01", "-1", "nan", "inf"])
+def test_poll_below_the_floor_is_a_usage_error_before_anything_runs(tmp_path, monkeypatch, capsys, poll):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.jsonl").write_text('{"image": "a.png", "prompt": "p"}\n')
+    monkeypatch.setenv("I2V_STORAGE_URL", f"file://{tmp_path / 'store'}")
+    # a farm that is not there: were the poll accepted, the run would get as far as "does not answer"
+    assert batch.main(["m.jsonl", "--poll", poll, "--url", "http://127.0.0.1:9", "--connect-timeout", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"--poll must be at least {batch.MIN_POLL_S:g} seconds" in err and "does not answer" not in err
+    assert not (tmp_path / "store").exists()  # refused before storage was opened
+
+
+def test_run_batch_refuses_a_zero_poll(workdir, farm, storage):
+    with pytest.raises(UsageError, match="poll_s must be"):
+        run_batch(_manifest(workdir, VALID), client=farm, storage=storage, root=workdir, out=io.StringIO(), poll_s=0)
+    assert farm.posts == 0
 
 
 # --- whose s3:// keys, and egress -----------------------------------------------------------------

@@ -57,21 +57,28 @@ def test_help_works():
     assert r.returncode == 0 and "--dry-run" in r.stdout and "full-size" in r.stdout
 
 
-def test_dry_run_validates_the_plan_on_the_meta_device():
-    r = _run("--dry-run", "--shapes", "512x512x16@50,1024x1024x16@10", "--gpu", "h100-80gb")
-    assert r.returncode == 0, r.stderr
-    assert "2.49 B parameters" in r.stdout and "512x512x16@50" in r.stdout and "ok:" in r.stdout
-    bad = _run("--dry-run", "--levers", "warp_drive")
-    assert bad.returncode != 0 and "unknown" in bad.stderr
+# In this process (`main(argv)`, what `python -m` calls; `test_help_works` runs the module): each
+# subprocess would import torch again, seconds on 2 cores.
+def test_dry_run_validates_the_plan_on_the_meta_device(capsys):
+    from bench.generation_gpu import main
+
+    assert main(["--dry-run", "--shapes", "512x512x16@50,1024x1024x16@10", "--gpu", "h100-80gb"]) == 0
+    out = capsys.readouterr().out
+    assert "2.49 B parameters" in out and "512x512x16@50" in out and "ok:" in out
+    with pytest.raises(SystemExit) as bad:
+        main(["--dry-run", "--levers", "warp_drive"])
+    assert bad.value.code != 0 and "unknown" in capsys.readouterr().err
 
 
-def test_without_a_gpu_it_says_so():
+def test_without_a_gpu_it_says_so(capsys):
     import torch
+
+    from bench.generation_gpu import main
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    r = _run("--parts", "stock")
-    assert r.returncode == 2 and "no CUDA GPU" in r.stderr
+    assert main(["--parts", "stock"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
 
 
 @pytest.mark.slow

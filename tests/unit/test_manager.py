@@ -184,7 +184,7 @@ class Farm:
         self.set_replicas(**(replicas if replicas is not None else {c: 1 for c in classes}))
 
     def set_replicas(self, **running: int) -> None:
-        """What `_refresh_replicas` would read from Serve: RUNNING replicas per class."""
+        """What `capacity.read_replicas` would read from Serve: RUNNING replicas per class."""
         self.mgr.replicas = {c: {"RUNNING": running.get(c, 0)} for c in self.mgr.classes.names}
 
     async def submit(self, fields: dict[str, Any] = SMALL, **kw: Any) -> dict[str, Any]:

@@ -90,3 +90,44 @@ def test_page_files_ship_and_load_nothing_from_elsewhere():
     assert 'src="ui/app.js"' in html and 'href="ui/style.css"' in html
     for label_for in re.findall(r'<label for="([^"]+)"', html):
         assert f'id="{label_for}"' in html, f"label for a missing control: {label_for}"
+
+
+def _page_fields(elements: dict) -> dict:
+    """Run the page's own `fields()` (app.js: what the form sends to POST /v1/jobs and /v1/estimate)
+    in node, with the form's controls as `elements` (id -> {value} or {checked})."""
+    import json
+    import shutil
+    import subprocess
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    js = (WEB_DIR / "app.js").read_text()
+    source = re.search(r"\n  function fields\(\) \{\n.*?\n  \}\n", js, re.S).group(0)
+    consts = "\n".join(re.findall(r"^  const (?:NUMBER|SELECT)_FIELDS = \[.*\];$", js, re.M))
+    script = (f"{consts}\nconst els = {json.dumps(elements)};\nconst $ = (id) => els[id];\n"
+              "const document = { querySelector: () => null };\n"
+              f"{source}\nprocess.stdout.write(JSON.stringify(fields()));\n")
+    done = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_live_preview_checkbox_is_on_by_default_and_off_sends_preview_false():
+    html = (WEB_DIR / "index.html").read_text()
+    form = html[html.index('<form id="job-form"'):]
+    form = form[:form.index("</form>")]
+    box = re.search(r"<input [^>]*id=\"live_preview\"[^>]*>", form).group(0)
+    assert 'type="checkbox"' in box and " checked" in box and '<label for="live_preview">Live preview</label>' in form
+    controls = {"prompt": {"value": " a cat "}, "negative_prompt": {"value": ""}, "lora": {"value": ""},
+                "resolution": {"value": "512p"}, "scheduler": {"value": "ddim"}, "priority": {"value": "normal"},
+                "num_frames": {"value": "8"}, "fps": {"value": ""}, "num_inference_steps": {"value": "2"},
+                "guidance_scale": {"value": ""}, "seed": {"value": ""}, "target_fps": {"value": ""}}
+    on = _page_fields({**controls, "live_preview": {"checked": True}})
+    assert on == {"prompt": "a cat", "resolution": "512p", "scheduler": "ddim", "priority": "normal",
+                  "num_frames": 8, "num_inference_steps": 2}  # previews on: the farm's default, not sent
+    off = _page_fields({**controls, "live_preview": {"checked": False}})
+    assert off == {**on, "preview": False}
+    # submit() sends every one of fields() in the form (FormData: "false", which the farm reads as false)
+    assert re.search(r"const values = fields\(\);.*for \(const \[key, value\] of Object\.entries\(values\)\) "
+                     r"form\.append\(key, String\(value\)\)", (WEB_DIR / "app.js").read_text(), re.S)
