@@ -3,7 +3,7 @@
     i2v-farm simulate --fleet 12gb:300,24gb:500,80gb:200 --trace day [--hours 24] [--seed N]
                       [--json FILE] [--prices 12gb=0.25,...]
     i2v-farm plan --trace day --target-p95 120 --prices 12gb=0.25,24gb=0.60,40gb=1.10,80gb=2.50
-                  [--hours H] [--json FILE]
+                  [--hours H] [--mixes 3] [--workers N] [--json FILE]
 
 Both follow the farm's settings (`I2V_*`, `I2V_CONFIG`): its VRAM classes, `max_attempts`,
 `spill`, fair sharing, dtype and memory options; job times are real GPU seconds from the cost
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,8 @@ def add_commands(subparsers) -> None:
                     help="interactive jobs' p95 queue wait to meet")
     pl.add_argument("--prices", required=True, help="$ per GPU-hour of each class the fleet may use")
     pl.add_argument("--mixes", type=int, default=3, help="class mixes to search (cheapest first; default 3)")
+    pl.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="processes that search mixes at once (default: one per mix, at most the CPU count)")
     pl.add_argument("--json", metavar="FILE", help="write the plan as JSON here")
     pl.set_defaults(func=cmd_plan)
 
@@ -88,8 +91,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise InvalidRequest("--mixes must be at least 1", field="mixes")
     trace = traces.load(args.trace, seed=args.seed, hours=args.hours)
     print(f"planning for {len(trace):,} jobs ({trace.duration / 3600:.1f} h of {trace.name})", file=sys.stderr)
+    if args.workers is not None and args.workers < 1:
+        raise InvalidRequest("--workers must be at least 1", field="workers")
+    workers = args.workers if args.workers is not None else min(args.mixes, os.cpu_count() or 1)
     result = plan(trace, prices, args.target_p95, config=config, class_set=class_set, mixes=args.mixes,
-                  log=lambda line: print(line, file=sys.stderr))
+                  log=lambda line: print(line, file=sys.stderr), workers=workers)
     print(plan_table(result))
     _write_json(args.json, result)
     return 0

@@ -21,8 +21,10 @@ Feasible: interactive p95 wait <= target, no job refused (no class holds it) and
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
+import multiprocessing
 import time
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -76,9 +78,11 @@ def plan(
     mixes: int = 3,
     refine: bool = True,
     log: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Search fleets of the priced classes for `trace`; return the cheapest feasible one, two
-    alternatives and every simulation tried (`tried`)."""
+    alternatives and every simulation tried (`tried`). `workers` > 1: the mixes' coarse searches
+    run in that many processes at once (the answer is the same)."""
     started = time.perf_counter()
     if not prices:
         raise InvalidRequest("plan needs --prices (CLASS=PRICE per GPU-hour for each class it may use)",
@@ -89,7 +93,7 @@ def plan(
     if not any(k == "interactive" for k in trace.kind):
         raise InvalidRequest("the trace has no interactive jobs to plan a p95 wait for", field="trace")
     search = _Search(trace, prices, target_p95, config or SimConfig(), class_set or default_classes(), log)
-    answers = [a for _, subset, peak in search.mixes()[:mixes] if (a := search.coarse(subset, peak))]
+    answers = [a for a in search.coarse_all(search.mixes()[:mixes], workers) if a]
     if not answers:
         raise InvalidRequest(f"no fleet tried meets an interactive p95 wait of {target_p95:g} s", field="target_p95")
     answers.sort(key=lambda a: a["cost_per_hour"])
@@ -154,6 +158,28 @@ class _Search:
             raise InvalidRequest("no mix of the priced classes holds every job of the trace", field="prices")
         return sorted(candidates, key=lambda x: x[0])
 
+    def coarse_all(self, candidates: list[tuple[float, tuple[str, ...], dict[str, float]]],
+                   workers: int) -> list[dict[str, Any] | None]:
+        """Step 2 for each mix, in this process or in `workers` processes (spawned: a fresh
+        interpreter each, safe beside Ray's threads); their simulations join this search's."""
+        if workers <= 1 or len(candidates) <= 1:
+            return [self.coarse(subset, peak) for _, subset, peak in candidates]
+        args = [(self.trace, self.prices, self.target_p95, self.config, self.known, subset, peak)
+                for _, subset, peak in candidates]
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx) as pool:
+            results = list(pool.map(_coarse_alone, args))
+        answers = []
+        for key, cache, tried, lines in results:  # in mix order, as the sequential search logs
+            for line in lines:
+                self.log(line)
+            for k, entry in cache.items():
+                if k not in self.cache:
+                    self.cache[k] = entry
+                    self.tried.append(next(t for t in tried if tuple(sorted(t["fleet"].items())) == k))
+            answers.append(None if key is None else self.cache[key])
+        return answers
+
     def coarse(self, subset: tuple[str, ...], peak: Mapping[str, float]) -> dict[str, Any] | None:
         """Step 2: the mix's fleet at the largest utilisation target that still meets the p95
         target (None: none tried does)."""
@@ -214,6 +240,16 @@ class _Search:
                              and a not in alternatives), key=lambda a: a["cost_per_hour"])
             alternatives += others[: 2 - len(alternatives)]
         return alternatives
+
+
+def _coarse_alone(args: tuple) -> tuple[tuple | None, dict[tuple, dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """One mix's coarse search in a worker process: (its answer's key, the simulations, the log)."""
+    trace, prices, target_p95, config, known, subset, peak = args
+    lines: list[str] = []
+    search = _Search(trace, prices, target_p95, config, known, lines.append)
+    got = search.coarse(subset, peak)
+    key = None if got is None else tuple(sorted(got["fleet"].items()))
+    return key, search.cache, search.tried, lines
 
 
 def _view(a: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -216,6 +217,22 @@ def test_plan_finds_the_cheapest_fleet_that_meets_the_target():
         assert simulate(tr, smaller)["by_kind"]["interactive"]["wait_s"]["p95"] > 30.0
     with pytest.raises(InvalidRequest, match="--target-p95"):
         plan(tr, prices, target_p95=0)
+
+
+def test_plan_searches_mixes_in_parallel_with_the_same_answer():
+    rows = [(i * 3.0, FAST, f"user-{i % 5}", "normal", 1.0) for i in range(120)]
+    tr = make(rows)
+    prices = {"24gb": 0.6, "80gb": 2.5}
+    logs: tuple[list[str], list[str]] = ([], [])
+    alone = plan(tr, prices, target_p95=30.0, mixes=3, log=logs[0].append)
+    together = plan(tr, prices, target_p95=30.0, mixes=3, workers=2, log=logs[1].append)
+    for result in (alone, together):
+        result.pop("wall_s")
+        for t in result["tried"]:
+            t.pop("wall_s")
+    assert together == alone and together["simulations"] >= 3
+    alone_log, together_log = ([re.sub(r"\([\d.]+ s\)$", "", ln) for ln in log] for log in logs)
+    assert together_log == alone_log and sum(ln.startswith("mix ") for ln in together_log) >= 2
 
 
 # --------------------------------------------------------------------------- the CLI
