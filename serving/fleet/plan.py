@@ -25,6 +25,7 @@ import concurrent.futures
 import itertools
 import math
 import multiprocessing
+import queue
 import time
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -164,15 +165,21 @@ class _Search:
         interpreter each, safe beside Ray's threads); their simulations join this search's."""
         if workers <= 1 or len(candidates) <= 1:
             return [self.coarse(subset, peak) for _, subset, peak in candidates]
-        args = [(self.trace, self.prices, self.target_p95, self.config, self.known, subset, peak)
-                for _, subset, peak in candidates]
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(workers, len(args)), mp_context=ctx) as pool:
-            results = list(pool.map(_coarse_alone, args))
+        with ctx.Manager() as mp, concurrent.futures.ProcessPoolExecutor(
+                min(workers, len(candidates)), mp_context=ctx) as pool:
+            lines = mp.Queue()  # each simulation's log line, as it ends, from every process
+            futures = [pool.submit(_coarse_alone, (self.trace, self.prices, self.target_p95, self.config,
+                                                   self.known, subset, peak, lines))
+                       for _, subset, peak in candidates]
+            while not all(f.done() for f in futures) or not lines.empty():
+                try:
+                    self.log(lines.get(timeout=0.2))
+                except queue.Empty:
+                    pass
+            results = [f.result() for f in futures]
         answers = []
-        for key, cache, tried, lines in results:  # in mix order, as the sequential search logs
-            for line in lines:
-                self.log(line)
+        for key, cache, tried in results:  # in mix order, as the sequential search keeps them
             for k, entry in cache.items():
                 if k not in self.cache:
                     self.cache[k] = entry
@@ -242,14 +249,16 @@ class _Search:
         return alternatives
 
 
-def _coarse_alone(args: tuple) -> tuple[tuple | None, dict[tuple, dict[str, Any]], list[dict[str, Any]], list[str]]:
-    """One mix's coarse search in a worker process: (its answer's key, the simulations, the log)."""
-    trace, prices, target_p95, config, known, subset, peak = args
-    lines: list[str] = []
-    search = _Search(trace, prices, target_p95, config, known, lines.append)
+def _coarse_alone(args: tuple) -> tuple[tuple | None, dict[tuple, dict[str, Any]], list[dict[str, Any]]]:
+    """One mix's coarse search in a worker process: (its answer's key, the simulations); its log
+    lines go to the `lines` queue, marked with the mix."""
+    trace, prices, target_p95, config, known, subset, peak, lines = args
+    mix = "+".join(subset)
+    search = _Search(trace, prices, target_p95, config, known,
+                     lambda line: lines.put(line if line.startswith("mix ") else f"{line}  [{mix}]"))
     got = search.coarse(subset, peak)
     key = None if got is None else tuple(sorted(got["fleet"].items()))
-    return key, search.cache, search.tried, lines
+    return key, search.cache, search.tried
 
 
 def _view(a: dict[str, Any]) -> dict[str, Any]:
