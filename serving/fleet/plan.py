@@ -180,10 +180,10 @@ class _Search:
             results = [f.result() for f in futures]
         answers = []
         for key, cache, tried in results:  # in mix order, as the sequential search keeps them
-            for k, entry in cache.items():
+            for (k, entry), row in zip(cache.items(), tried):  # `run` adds both together, in order
                 if k not in self.cache:
                     self.cache[k] = entry
-                    self.tried.append(next(t for t in tried if tuple(sorted(t["fleet"].items())) == k))
+                    self.tried.append(row)
             answers.append(None if key is None else self.cache[key])
         return answers
 

@@ -43,6 +43,11 @@ async def read_replicas(classes: ClassSet, replicas: dict[str, dict[str, int]]) 
     return {c.resource: ray.available_resources().get(c.resource, 0.0) for c in classes}
 
 
+def running_replicas(replicas: dict[str, dict[str, int]]) -> dict[str, int]:
+    """RUNNING replicas per class (what admission counts as the class's capacity)."""
+    return {c: s.get("RUNNING", 0) for c, s in replicas.items()}
+
+
 @dataclass
 class Capacity:
     """The farm's capacity at one moment: per class, its replicas' states (as Serve reported them),
@@ -61,10 +66,6 @@ class Capacity:
         for run in self.running:
             busy[run.vram_class] = busy.get(run.vram_class, 0) + 1
         return busy
-
-    def running_replicas(self) -> dict[str, int]:
-        """RUNNING replicas per class (what admission counts as the class's capacity)."""
-        return {c: s.get("RUNNING", 0) for c, s in self.replicas.items()}
 
     def free_slots(self) -> dict[str, int]:
         """Jobs each class can take now."""

@@ -30,7 +30,7 @@ from ..webhooks import WebhookDispatcher
 from . import records, views
 from .adapters import Adapters
 from .attempts import Attempts, Running
-from .capacity import Capacity, read_replicas
+from .capacity import Capacity, read_replicas, running_replicas
 from .recovery import recover
 from .result_reuse import ResultReuse, saved_seconds
 
@@ -144,7 +144,7 @@ class JobManager:
         queued = QueuedJob(id=job_id, vram_bytes=vram, seconds=self._run_seconds(seconds), priority=params.priority,
                            seq=next(self._seq), home=home, caller=owner)
         try:
-            self.scheduler.admit(queued, self._capacity_now().running_replicas())
+            self.scheduler.admit(queued, running_replicas(self.replicas))
         except Backlogged as exc:
             raise I2VError(exc.message, code="backlogged", http_status=429, retry_after=exc.retry_after) from None
         estimate = {"vram_bytes": vram, "seconds": round(seconds[home], 2),
@@ -256,7 +256,7 @@ class JobManager:
         }
 
     async def ready(self) -> dict[str, Any]:
-        running = {c: s.get("RUNNING", 0) for c, s in self.replicas.items()}
+        running = running_replicas(self.replicas)
         return {"ready": any(running.values()), "replicas": running}
 
     async def metrics_text(self) -> bytes:
