@@ -15,9 +15,12 @@ job's seconds on that class): callers take turns; each turn adds `QUANTUM_S` x t
 credit covers the job's seconds, paying them from the credit. So a caller with a 2,000-job batch and
 one with a single job alternate, and weight 2 gets twice the GPU-seconds of weight 1. With
 `fair_share` off every job counts as one caller's: first come, first served. `queued()` lists a
-queue in exactly the order it will be popped (what `queue_position` reports). Admitting and
-canceling cost O(log n), popping O(log n + callers at that priority); `queued()` sorts once per
-change of the queue.
+queue in exactly the order it will be popped (what `queue_position` reports). Each level keeps
+that order between changes (`_Level`): admitting a newer job inserts it (O(log n) to find its
+place), a caller's oldest job starting only marks it; a change that moves other jobs (the round
+robin turning on an idle-rule pop, a retry that keeps its age, a job starting ahead of its
+caller's older ones) makes the next read sort the level once. Popping costs O(log n + callers at
+that priority).
 
 **Dispatch and spill-up.** `assign(free, busy=...)` is given the idle worker slots per class and,
 from the job manager, the estimated seconds left of each running job per class (`busy`). With
@@ -26,12 +29,15 @@ each queue in its order, onto the worker slot where it would finish first, among
 and the larger classes in its `spill_to` (default: every larger class), counting the work queued and
 running there (a slot is free at its running job's end, then at the end of each job planned onto
 it; ties go to the smaller class). Jobs planned onto idle slots start now; the others stay queued
-and are planned again on the next call. So a job spills up only when the larger class would finish
-it sooner than its home class, and it waits for a busy faster class when that is sooner than
-starting on an idle slower one. Without `busy` (the `idle` rule, and callers that pass nothing):
-every class takes its own queue first, then a class with slots still free takes the best jobs
-(priority, then age) still queued in smaller classes that may spill to it, smaller idle classes
-first (the big GPUs stay free for big jobs). Never down: a job never runs on a class with less
+and are planned again on the next call. The plan is computed only as far as it decides what
+starts (`_FinishPlan`: a queue whose classes have no idle slot left is planned only when a smaller
+class's job needs its effect), with each job's seconds per class computed once, at admission.
+So a job spills up only when the larger class would finish it sooner than its home class, and it
+waits for a busy faster class when that is sooner than starting on an idle slower one. Without
+`busy` (the `idle` rule, and callers that pass nothing): every class takes its own queue first,
+then a class with slots still free takes the best jobs (priority, then age) still queued in
+smaller classes that may spill to it, smaller idle classes first (the big GPUs stay free for big
+jobs). Never down: a job never runs on a class with less
 memory than its home.
 
 **Backlog limit.** `admit` refuses a job with `Backlogged` (HTTP 429) when its home queue already
@@ -47,12 +53,15 @@ The caller requeues a `Retry`.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import heapq
 import itertools
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cluster.vram_classes import ClassSet
 from pipeline.cost_model import GiB, Workload, estimate
@@ -171,48 +180,109 @@ class _Level:
     passes to the next caller. A caller whose last job leaves the ring loses its credit; one
     that arrives joins at the end of the ring with one quantum (so between a backlogged caller
     and a newcomer with equal jobs, the newcomer goes first).
+
+    **The order, kept.** Caller p's jobs (p: its place in the ring) start on visit r, where its
+    credit first covers its jobs up to that one; jobs start in (r, p, age) order. `keyed` holds
+    that order as sorted (r, place, key, item) tuples, where a caller's place is fixed when it
+    joins (ring order, while the ring does not turn). The usual changes keep it: a newer job of a
+    caller, or a new caller, is inserted (bisect); a caller's oldest job starting, or its newest
+    one leaving, changes no other job's r (a start pays the job's cost from the credit its
+    later jobs counted on), so it is only marked removed; the ring's first caller leaving hands
+    its visit to the next, whose r stay the same. Anything else (the ring turning in
+    `next_caller`, a retry that keeps its age, a job starting ahead of its caller's older ones)
+    drops `keyed`, rebuilt with one sort when next read.
     """
 
-    __slots__ = ("flows", "count", "live", "ring", "credit", "quantum")
+    __slots__ = ("flows", "count", "live", "items", "ring", "credit", "quantum", "total", "place", "next_place",
+                 "keyed", "dead")
 
     def __init__(self) -> None:
-        # caller -> heap of (seq, counter, id), with lazy deletion: keys not in `live` are skipped
+        # caller -> its keys (seq, counter, id) sorted, with lazy deletion: keys not in `live` are skipped
         self.flows: dict[str, list[_Key]] = {}
         self.count: dict[str, int] = {}  # caller -> its live keys
         self.live: dict[_Key, int] = {}  # queued job -> its cost (GPU-microseconds on the class)
+        self.items: dict[_Key, object] = {}  # queued job -> what `entries` hands back with it
         self.ring: list[str] = []
         self.credit: dict[str, int] = {}
         self.quantum: dict[str, int] = {}
+        self.total: dict[str, int] = {}  # caller -> the cost of its live keys
+        self.place: dict[str, int] = {}  # caller -> its place in `keyed` (ring order)
+        self.next_place = 0
+        self.keyed: list[tuple[int, int, _Key, object]] | None = []  # the order; None: rebuild
+        self.dead = 0  # removed keys still in `keyed`
 
-    def add(self, caller: str, key: _Key, cost: int, quantum: int) -> None:
+    def add(self, caller: str, key: _Key, cost: int, quantum: int, item: object = None) -> None:
+        """Queue a job (`item`: what `entries` hands back with it)."""
         self.live[key] = cost
+        self.items[key] = item
         if caller in self.count:
-            heapq.heappush(self.flows[caller], key)
+            flow = self.flows[caller]
+            newest = key > flow[-1]
+            if newest:
+                flow.append(key)  # the usual case: a newer job
+            else:
+                bisect.insort(flow, key)  # a retry keeps its age
+                self.keyed = None
             self.count[caller] += 1
-            return
-        self.flows[caller], self.count[caller] = [key], 1
-        self.ring.append(caller)
-        self.quantum[caller] = quantum
-        self.credit[caller] = quantum  # its first quantum at once: a newcomer wins ties
+            self.total[caller] += cost
+        else:
+            self.flows[caller], self.count[caller], self.total[caller] = [key], 1, cost
+            self.ring.append(caller)
+            self.quantum[caller] = quantum
+            self.credit[caller] = quantum  # its first quantum at once: a newcomer wins ties
+            self.place[caller] = self.next_place
+            self.next_place += 1
+        if self.keyed is not None:
+            bisect.insort(self.keyed, (self._visit(caller, self.total[caller]), self.place[caller], key, item))
+
+    def _visit(self, caller: str, cost_so_far: int) -> int:
+        """The visit (0: the one under way or coming) on which `caller` starts the job whose own and
+        older jobs' costs add up to `cost_so_far`."""
+        visits = -(-(cost_so_far - self.credit[caller]) // self.quantum[caller])
+        return max(0, visits) if caller == self.ring[0] else max(0, visits - 1)
 
     def head(self, caller: str) -> _Key:
         flow, live = self.flows[caller], self.live
-        while flow[0] not in live:
-            heapq.heappop(flow)
+        if flow[0] not in live:
+            dead = 1
+            while flow[dead] not in live:
+                dead += 1
+            del flow[:dead]
         return flow[0]
 
     def drop(self, caller: str, key: _Key, charge: bool) -> None:
         """Remove one job of `caller` (`charge`: it starts and its cost is paid from the credit)."""
+        kept = key == (self.head(caller) if charge else self._newest(caller))
         cost = self.live.pop(key)
+        del self.items[key]
         if charge:
             self.credit[caller] -= cost
         self.count[caller] -= 1
+        self.total[caller] -= cost
+        flow = self.flows[caller]
+        if len(flow) > 2 * self.count[caller] + 64:  # mostly removed keys: compact
+            flow[:] = [k for k in flow if k in self.live]
+        if not kept:
+            self.keyed = None
+        elif self.keyed is not None:
+            self.dead += 1
+            if self.dead > len(self.live) + 64:
+                self.keyed = [e for e in self.keyed if e[2] in self.live]
+                self.dead = 0
         if not self.count[caller]:
-            del self.flows[caller], self.count[caller], self.credit[caller], self.quantum[caller]
+            for d in (self.flows, self.count, self.credit, self.quantum, self.total, self.place):
+                del d[caller]
             at = self.ring.index(caller)
             del self.ring[at]
             if at == 0 and self.ring:  # the next caller's visit starts
                 self.credit[self.ring[0]] += self.quantum[self.ring[0]]
+
+    def _newest(self, caller: str) -> _Key:
+        flow, live = self.flows[caller], self.live
+        at = len(flow) - 1
+        while flow[at] not in live:
+            at -= 1
+        return flow[at]
 
     def next_caller(self) -> str:
         """Advance the round robin to the caller whose oldest job starts next; return it.
@@ -239,31 +309,40 @@ class _Level:
             credit[caller] += (best + (0 < p <= won)) * quantum[caller]
         if won:
             self.ring = ring[won:] + ring[:won]
+        self.keyed = None  # the same order, but the visits and places are counted from here
         return self.ring[0]
+
+    def entries(self) -> list[tuple[int, int, _Key, object]]:
+        """The order: (visit, place, key, item) sorted; keys no longer in `live` are to be skipped."""
+        if self.keyed is None:
+            keyed = []
+            live = self.live
+            for p, caller in enumerate(self.ring):
+                self.place[caller] = p
+                need = 0
+                for key in self.flows[caller]:
+                    cost = live.get(key)
+                    if cost is not None:
+                        need += cost
+                        keyed.append((self._visit(caller, need), p, key, self.items[key]))
+            keyed.sort()  # (visit, place, key) is unique: items are never compared
+            self.keyed, self.dead, self.next_place = keyed, 0, len(self.ring)
+        return self.keyed
 
     def order(self) -> list[_Key]:
         """Every queued job of this level in the order `next_caller` would start them."""
-        keyed = []
         live = self.live
-        for p, caller in enumerate(self.ring):
-            q = self.quantum[caller]
-            need = -self.credit[caller]
-            for i, key in enumerate(sorted(k for k in self.flows[caller] if k in live)):
-                need += live[key]
-                visits = -(-need // q)
-                r = max(0, visits) if p == 0 else max(0, visits - 1)
-                keyed.append(((r, p, i), key))
-        keyed.sort(key=operator.itemgetter(0))
-        return [key for _, key in keyed]
+        return [e[2] for e in self.entries() if e[2] in live]
 
 
 class _ClassQueue:
     """One class's queue: a `_Level` per priority, served highest first."""
 
-    __slots__ = ("name", "jobs", "levels", "fair", "weights", "_order")
+    __slots__ = ("name", "names", "jobs", "levels", "fair", "weights", "_order")
 
-    def __init__(self, name: str, fair: bool, weights: Mapping[str, float]) -> None:
+    def __init__(self, name: str, names: tuple[str, ...], fair: bool, weights: Mapping[str, float]) -> None:
         self.name = name
+        self.names = names  # every class of the scheduler, smallest first
         self.fair = fair
         self.weights = weights
         self.jobs: dict[str, tuple[_Entry, QueuedJob]] = {}
@@ -288,11 +367,14 @@ class _ClassQueue:
 
     def push(self, entry: _Entry, job: QueuedJob) -> None:
         self.jobs[job.id] = (entry, job)
+        secs = job.seconds
+        slowest = max(secs.values(), default=0.0)  # a class without an estimate: the slowest known
+        took = tuple(float(secs.get(c, slowest)) for c in self.names)  # its seconds on each class
         level = self.levels.get(entry[0])
         if level is None:
             level = self.levels[entry[0]] = _Level()
         caller = self.caller(job)
-        level.add(caller, entry[1:], self.cost(job), self.quantum(caller))
+        level.add(caller, entry[1:], self.cost(job), self.quantum(caller), (job, took))
         self._order = None
 
     def discard(self, job_id: str, charge: bool = False) -> QueuedJob | None:
@@ -326,14 +408,147 @@ class _ClassQueue:
         return job
 
     def ordered(self) -> list[tuple[_Entry, QueuedJob]]:
-        """Every queued job in the order `pop` returns them."""
+        """Every queued job in the order `pop` returns them (cached until the queue changes)."""
         if self._order is None:
-            self._order = [
-                self.jobs[key[2]]
-                for rank in sorted(self.levels)
-                for key in self.levels[rank].order()
-            ]
+            jobs = self.jobs
+            self._order = [jobs[key[2]] for rank in sorted(self.levels) for key in self.levels[rank].order()]
         return self._order
+
+    def plan_levels(self) -> list[tuple[list[tuple[int, int, _Key, Any]], dict[_Key, int]]]:
+        """Per priority level, highest first: its order (`_Level.entries`, each item a job and its
+        seconds on each class of `names`) and its live keys (what earliest finish plans with).
+        Valid until the queue changes."""
+        return [(level.entries(), level.live) for level in (self.levels[r] for r in sorted(self.levels))]
+
+
+class _FinishPlan:
+    """One earliest-finish pass of `Scheduler.assign`, computed only as far as it decides.
+
+    The plan it stands for: homes largest first, each queue in its order; a job takes the slot
+    among its targets where it would end first (a slot's free time plus the job's seconds on the
+    class; ties: the smaller class, an idle slot before a busy one), and that slot is then free at
+    the job's end. Jobs planned onto idle slots start now.
+
+    What it skips without changing the answer: once a home's targets have no idle slot left, the
+    rest of that queue can only plan onto busy slots and start nothing (idle slots are never made).
+    Those jobs are *pending*: planned later, in the same order, only when a smaller home's job
+    would pick a busy slot their plan may still push later. Planning more jobs only makes a
+    slot's free time later (a heap's smallest value never falls), so a job that prefers an idle
+    slot over a busy one's current free time prefers it over the final one too; and the pending
+    homes touch only their targets, which no job planned meanwhile has written to (it took an
+    idle slot, which their targets lack, or a busy slot no pending job may still reach).
+
+    Classes are indices into the scheduler's names (smallest first); a job's seconds on each
+    class come precomputed with it (`_ClassQueue.plan_order`).
+    """
+
+    __slots__ = ("idle", "idle_left", "heaps", "pending", "reach", "started")
+
+    def __init__(self, names: Sequence[str], slots: Mapping[str, int], busy: Mapping[str, list[float]]):
+        self.idle = [slots[c] for c in names]  # idle slots left per class (free now)
+        self.idle_left = sum(self.idle)
+        self.heaps: list[list[float]] = []  # per class, the free times of its other slots
+        for c in names:
+            heap = list(busy[c])
+            heapq.heapify(heap)
+            self.heaps.append(heap)
+        # Pending homes, largest first: [targets, next job's seconds, the rest of the queue].
+        self.pending: collections.deque[list] = collections.deque()
+        self.reach = [0] * len(names)  # per class, the pending homes that may still plan onto it
+        self.started: list[tuple[QueuedJob, int]] = []
+
+    def has_slots(self, c: int) -> bool:
+        return bool(self.idle[c] or self.heaps[c])
+
+    def run(self, targets: tuple[int, ...], levels: list[tuple[list[tuple], dict[_Key, int]]]) -> bool:
+        """Plan a home's queue (`_ClassQueue.plan_levels`); False once no idle slot is left anywhere
+        (nothing more starts)."""
+        for at, (entries, live) in enumerate(levels):
+            rest = iter(entries)
+            for e in rest:
+                if e[2] not in live:
+                    continue  # removed
+                if not self.idle_left:
+                    return False
+                if not self._plan(targets, e[3]):  # its targets have no idle slot: the rest waits
+                    self.pending.append([targets, e[3][1], _live_items(rest, live, levels[at + 1:])])
+                    for c in targets:
+                        self.reach[c] += 1
+                    return True
+        return True
+
+    def _plan(self, targets: tuple[int, ...], item: tuple[QueuedJob, tuple[float, ...]]) -> bool:
+        """Plan one job of a home being planned; False (nothing done) if no target has an idle slot."""
+        idle, heaps, reach = self.idle, self.heaps, self.reach
+        job, took = item
+        while True:
+            best_end, best, any_idle = math.inf, -1, False
+            for c in targets:  # smallest class first: ties stay there
+                if idle[c]:
+                    any_idle, end = True, took[c]
+                else:
+                    end = heaps[c][0] + took[c]
+                if end < best_end:
+                    best_end, best = end, c
+            if idle[best] or not reach[best] or not any_idle or not self._plan_pending():
+                break  # an idle slot, or a busy one whose free time is final
+        if not any_idle:
+            return False
+        if idle[best]:
+            idle[best] -= 1
+            self.idle_left -= 1
+            heapq.heappush(heaps[best], best_end)
+            self.started.append((job, best))
+        else:
+            heapq.heapreplace(heaps[best], best_end)
+        return True
+
+    def _plan_pending(self) -> bool:
+        """Plan the next pending job (largest pending home first); False if none is left."""
+        if not self.pending:
+            return False
+        entry = self.pending[0]
+        targets, took, heaps = entry[0], entry[1], self.heaps
+        best_end, best = math.inf, -1
+        for c in targets:  # no idle slot among them
+            end = heaps[c][0] + took[c]
+            if end < best_end:
+                best_end, best = end, c
+        heapq.heapreplace(heaps[best], best_end)
+        nxt = next(entry[2], None)
+        if nxt is not None:
+            entry[1] = nxt[1]
+        else:
+            self.pending.popleft()
+            for c in targets:
+                self.reach[c] -= 1
+        return True
+
+
+def _busy_seconds(name: str, times: Sequence[float]) -> list[float]:
+    """`assign`'s busy seconds of one class, checked (numbers, not NaN); overdue ones count 0."""
+    try:
+        ok = not math.isnan(math.fsum(times))  # C speed; NaN also from inf - inf: look closer
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        for t in times:
+            if isinstance(t, str) or not (isinstance(t, (int, float)) and not math.isnan(t)):
+                raise ValueError(f"busy seconds for {name} must be numbers, got {t!r}")
+    return [float(t) if t > 0 else 0.0 for t in times]  # overdue: about to finish
+
+
+def _live_items(rest: Iterator[tuple], live: dict[_Key, int], levels: list[tuple[list[tuple], dict[_Key, int]]],
+                ) -> Iterator[tuple[QueuedJob, tuple[float, ...]]]:
+    """The items of a home's order from `rest` (an iterator into one level's entries) on, then of
+    the later `levels`, skipping removed keys."""
+    for e in rest:
+        if e[2] in live:
+            yield e[3]
+    for entries, level_live in levels:
+        for e in entries:
+            if e[2] in level_live:
+                yield e[3]
 
 
 class Scheduler:
@@ -364,8 +579,9 @@ class Scheduler:
             if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
                 raise ValueError(f"share_weights[{caller!r}] must be a positive number, got {weight!r}")
         self._names: tuple[str, ...] = classes.names  # smallest first
+        self._index = {name: i for i, name in enumerate(self._names)}
         self._queues: dict[str, _ClassQueue] = {
-            name: _ClassQueue(name, fair_share, self.share_weights) for name in self._names
+            name: _ClassQueue(name, self._names, fair_share, self.share_weights) for name in self._names
         }
         self._home_of: dict[str, str] = {}  # queued job id -> class queue holding it
         self._counter = itertools.count()
@@ -478,10 +694,7 @@ class Scheduler:
             left: dict[str, list[float]] = {name: [] for name in self._names}
             for name, times in busy.items():
                 self._check_class(name)
-                for t in times:
-                    if not (isinstance(t, (int, float)) and not math.isnan(t)):
-                        raise ValueError(f"busy seconds for {name} must be numbers, got {t!r}")
-                    left[name].append(max(0.0, float(t)))  # overdue: about to finish
+                left[name] = _busy_seconds(name, times)
             return self._assign_earliest_finish(slots, left)
 
         out: list[tuple[QueuedJob, str]] = []
@@ -520,39 +733,16 @@ class Scheduler:
         when that would finish it sooner, and a slower class idles only when nothing queued would
         finish sooner there.
         """
-        free_at: dict[str, list[tuple[float, int]]] = {}  # class -> heap of (free at, 0 idle / 1 busy)
-        for name in self._names:
-            heap = [(0.0, 0)] * slots[name] + [(t, 1) for t in busy[name]]
-            heapq.heapify(heap)
-            free_at[name] = heap
-        idle = sum(slots.values())
-        out: list[tuple[QueuedJob, str]] = []
+        plan = _FinishPlan(self._names, slots, busy)
+        index = self._index
         for home in reversed(self._names):
-            targets = [c for c in (home, *self.classes.spill[home]) if free_at[c]]
-            if not targets:
-                continue  # no worker of the class (or larger) is up: it waits
-            heaps = [(free_at[c], c) for c in targets]
-            for _, job in list(self._queues[home].ordered()):
-                if not idle:
-                    return out
-                secs = job.seconds
-                best = None
-                for heap, c in heaps:  # smallest class first: ties stay there
-                    took = secs.get(c)
-                    if took is None:  # no estimate for the class: its slowest known one
-                        took = max(secs.values(), default=0.0)
-                    end = heap[0][0] + took
-                    if best is None or end < best[0]:
-                        best = (end, heap, c)
-                end, heap, on = best
-                was_busy = heap[0][1]
-                heapq.heapreplace(heap, (end, 1))
-                if not was_busy:
-                    idle -= 1
-                    self._queues[home].discard(job.id, charge=True)
-                    del self._home_of[job.id]
-                    out.append((job, on))
-        return out
+            targets = tuple(index[c] for c in (home, *self.classes.spill[home]) if plan.has_slots(index[c]))
+            if targets and not plan.run(targets, self._queues[home].plan_levels()):
+                break
+        names = self._names
+        for job, _ in plan.started:  # in the order they start, as `pop` would charge them
+            self._queues[self._home_of.pop(job.id)].discard(job.id, charge=True)
+        return [(job, names[c]) for job, c in plan.started]
 
     # ---------------------------------------------------------------------------- failures
 

@@ -223,6 +223,8 @@ class _Run:
         self.stats = {c: _ClassStats(gpus=fleet[c]) for c in self.names}
         self.free_total = sum(fleet.values())
         self.oom_retries = self.oom_failed = self.rejected = self.late = 0
+        self.counted_late = bytearray(n)  # interactive jobs counted in `late`
+        self.overdue: list[tuple[float, int, float]] = []  # (wait passes the limit at, job, queued since)
         self.aborted = False
         self.running: list[tuple[float, int, int, str, bool]] = []  # (finish time, seq, job, class, OOM)
         self.seq = 0
@@ -252,10 +254,27 @@ class _Run:
             self._arrive(now)
             if self.free_total and len(self.sched):
                 self._dispatch(now)
-                if self.max_late is not None and self.late > self.max_late:
-                    self.aborted = True
-                    break
+            if self.max_late is not None and self._count_late(now) > self.max_late:
+                self.aborted = True
+                break
         return now
+
+    def _count_late(self, now: float) -> int:
+        """Interactive jobs that have waited longer than `late_wait_s` by `now`, counted once each:
+        at their start, or, still queued, as soon as their wait passes the limit (so a fleet that
+        is too small is known before its queue grows for hours)."""
+        overdue = self.overdue
+        while overdue and overdue[0][0] < now:
+            _, j, since = heapq.heappop(overdue)
+            if not self.counted_late[j] and self.queued_since[j] == since and str(j) in self.sched:
+                self.counted_late[j] = 1
+                self.late += 1
+        return self.late
+
+    def _watch_wait(self, j: int, now: float) -> None:
+        """Job `j` is queued from `now`: note when its wait passes `late_wait_s` (interactive only)."""
+        if self.late_wait_s is not None and self.trace.kind[j] == "interactive":
+            heapq.heappush(self.overdue, (now + self.late_wait_s - self.wait[j], j, now))
 
     def _end_attempts(self, now: float) -> None:
         """Attempts that end at `now`: success, or an OOM the scheduler retries or fails."""
@@ -277,6 +296,7 @@ class _Run:
                 self.oom_retries += 1
                 self.queued_since[j] = now
                 self.sched.requeue(job)
+                self._watch_wait(j, now)
             else:
                 self.oom_failed += 1
                 self.status[j], self.finish[j] = "failed", now
@@ -299,6 +319,7 @@ class _Run:
             else:
                 self.jobs[i] = job
                 self.queued_since[i] = now
+                self._watch_wait(i, now)
             i += 1
         self.next_arrival = i
 
@@ -328,7 +349,8 @@ class _Run:
         if self.first_start[j] != self.first_start[j]:
             self.first_start[j] = now
         if (self.late_wait_s is not None and self.trace.kind[j] == "interactive" and self.wait[j] > self.late_wait_s
-                and self.wait[j] - waited <= self.late_wait_s):  # counted once, when it crosses the limit
+                and not self.counted_late[j]):  # counted once
+            self.counted_late[j] = 1
             self.late += 1
         vram, seconds, steps = self.estimates[self.trace.spec[j]]
         oom = vram * self.trace.vram_factor[j] > self.memory[c]

@@ -283,6 +283,8 @@ def test_simulation_stops_early_once_too_many_interactive_jobs_wait_too_long():
     s = seconds(FAST, "24gb")
     tr = make([(0, FAST, "a", "normal", 1.0)] * 20)
     rep = simulate(tr, {"24gb": 1}, late_wait_s=2.5 * s, max_late=3)
-    # waits are 0, s, 2s, 3s, ...: the 4th job over 2.5 s (the 7th to start) ends the run
-    assert rep["aborted"] and rep["jobs"]["succeeded"] == 6 and rep["jobs"]["unfinished"] == 14
+    # the jobs start at 0, s, 2s, ...: at 3s, the first instant past 2.5s, the 17 jobs not started
+    # before it have waited too long, queued or starting, and the run ends there (counting late
+    # jobs only as they start, it would go on until the 4th of them starts, at 6s)
+    assert rep["aborted"] and rep["jobs"]["succeeded"] == 3 and rep["jobs"]["unfinished"] == 17
     assert not simulate(tr, {"24gb": 1}, late_wait_s=2.5 * s, max_late=17)["aborted"]

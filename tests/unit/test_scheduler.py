@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import heapq
 import math
+import random
 import time
 
 import pytest
@@ -770,3 +772,106 @@ def test_earliest_finish_loses_no_job_and_never_sends_one_down(data):
     # every job left runs once every class has a free slot and nothing runs
     rest = s.assign({n: 1000 for n in names}, busy={})
     assert sorted(j.id for j, _ in rest) == sorted(queued) and len(s) == 0
+
+
+# ------------------------------------------------------------------------------- earliest finish: the whole plan
+
+
+def full_plan(s: Scheduler, free, busy) -> list[tuple[str, str]]:
+    """What `assign(free, busy=busy)` must answer, by the definition: every queued job planned
+    (homes largest first, each queue in `queued()` order) onto the slot where it ends first; the
+    jobs planned onto idle slots start. The scheduler computes only part of this plan."""
+    names = s.classes.names
+    free_at = {}
+    for c in names:
+        heap = [(0.0, 0)] * free.get(c, 0) + [(max(0.0, t), 1) for t in busy.get(c, [])]
+        heapq.heapify(heap)
+        free_at[c] = heap
+    idle, out = sum(free.values()), []
+    for home in reversed(names):
+        targets = [c for c in (home, *s.classes.spill[home]) if free_at[c]]
+        for j in s.queued(home) if targets else []:
+            if not idle:
+                return out
+            ends = [(free_at[c][0][0] + j.seconds.get(c, max(j.seconds.values())), c) for c in targets]
+            end, c = min(ends, key=lambda e: e[0])  # the first (smallest class) of equal ends
+            if not free_at[c][0][1]:
+                idle -= 1
+                out.append((j.id, c))
+            heapq.heapreplace(free_at[c], (end, 1))
+    return out
+
+
+def plan_matches_the_whole_plan(s: Scheduler, rng, names, rounds: int, arrivals: int, slots: int, busy_n: int):
+    seq = len(s) + 1000
+    for _ in range(rounds):
+        for _ in range(rng.randrange(arrivals + 1)):
+            seq += 1
+            home = rng.choice(names)
+            secs = {c: rng.choice([1.0, 2.0, 4.0, round(rng.uniform(0.5, 30.0), 1)]) for c in names}  # ties too
+            s.requeue(QueuedJob(f"j{seq}", 1, secs, priority=rng.choice(["low", "normal", "normal", "high"]),
+                                seq=seq, home=home, caller=rng.choice("abcd")))
+        if rng.random() < 0.2 and len(s):
+            s.remove(rng.choice(s.queued()).id)
+        free = {c: rng.randrange(slots + 1) for c in names if rng.random() < 0.7}
+        busy = {c: [rng.choice([0.0, 1.0, 2.0, round(rng.uniform(-1.0, 40.0), 1)]) for _ in range(rng.randrange(busy_n + 1))]
+                for c in names}
+        want = full_plan(s, free, busy)
+        assert ids(s.assign(free, busy=busy)) == want
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), seed=st.integers(0, 2**32 - 1))
+def test_earliest_finish_answers_what_the_whole_plan_answers(data, seed):
+    """Small queues, few slots, any spill settings: the partial plan starts exactly the jobs the
+    whole plan starts, on the same classes, in the same order."""
+    classes = data.draw(class_sets())
+    s = Scheduler(classes, backlog_limit=None, fair_share=data.draw(st.booleans()))
+    plan_matches_the_whole_plan(s, random.Random(seed), list(classes.names), rounds=12, arrivals=8, slots=2,
+                                busy_n=3)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_earliest_finish_matches_the_whole_plan_under_a_deep_backlog(seed):
+    """Thousands queued and hundreds of busy slots, where most of a queue is pending (its
+    classes have no idle slot) and smaller classes' jobs weigh idle slots against them."""
+    rng = random.Random(seed)
+    s = Scheduler(default_classes(), backlog_limit=None)
+    names = list(s.classes.names)
+    plan_matches_the_whole_plan(s, rng, names, rounds=1, arrivals=3000, slots=0, busy_n=0)
+    plan_matches_the_whole_plan(s, rng, names, rounds=40, arrivals=30, slots=6, busy_n=150)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), weighted=st.booleans())
+def test_the_kept_queue_order_is_the_order_computed_afresh(seed, weighted):
+    """Each level keeps its fair-share order between changes (inserting newer jobs, marking
+    started or canceled ones); after any mix of admissions, retries, cancels, idle-rule pops and
+    earliest-finish starts it equals the order computed from scratch, and `queued()` lists the
+    jobs in the order they then leave."""
+    rng = random.Random(seed)
+    s = Scheduler(TWO, backlog_limit=None, share_weights={"a": 2.0} if weighted else None)
+    seq = 0
+    for _ in range(150):
+        op = rng.random()
+        if op < 0.5 or not len(s):
+            seq += 1
+            old = rng.random() < 0.1 and seq > 5  # a retry keeps its age
+            s.requeue(QueuedJob(f"j{seq}", rng.choice([1, 20]) * GiB, {"12gb": rng.choice([1.0, 3.0, 7.5]),
+                                "24gb": rng.choice([0.5, 2.0])}, priority=rng.choice(["normal", "normal", "low"]),
+                                seq=seq - 5 if old else seq, caller=rng.choice("abcde")))
+        elif op < 0.6:
+            s.remove(rng.choice(s.queued()).id)
+        elif op < 0.8:
+            s.assign({"12gb": rng.randrange(2), "24gb": rng.randrange(2)})
+        else:
+            s.assign({"12gb": rng.randrange(2), "24gb": rng.randrange(2)},
+                     busy={"12gb": [rng.uniform(0, 9)], "24gb": [rng.uniform(0, 9)]})
+        for q in s._queues.values():
+            for level in q.levels.values():
+                kept = level.order()
+                level.keyed = None
+                assert kept == level.order()
+    for name in TWO.names:
+        want = [j.id for j in s.queued(name)]
+        assert [s._pop(name).id for _ in want] == want
