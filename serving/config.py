@@ -182,6 +182,10 @@ class FarmSettings(BaseModel):
         "(with backoff) before it is given up.",
     )
     webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="Timeout of one webhook POST.")
+    webhook_backoff_s: float = Field(
+        1.0, gt=0, le=300, description="Wait before the first retry of a failing webhook delivery; each "
+        "later wait doubles, at most 300 s.",
+    )
 
     @field_validator("file_mode")
     @classmethod

@@ -17,12 +17,12 @@ Secrets are kept in `webhook_secrets.json` beside the tokens file, mode 0600 (th
 able to sign, so they are stored, unlike the tokens, of which only a hash is kept).
 
 Delivery: a 2xx answer delivers it. 5xx, 408, 429, timeouts and connection errors are retried with
-exponential backoff (1 s, 2 s, 4 s, ... at most `MAX_BACKOFF_S`) until `webhook_retry_s` has
-passed since the job ended; any other answer (4xx, a redirect) or an egress refusal gives up at
-once. Pending deliveries live in the job store (table `webhook_deliveries`), so a farm restart
-does not lose them; each job records its deliveries (`deliveries`: event, attempts, state,
-last_status, last_error, delivered_at). Delivery is at least once: a receiver deduplicates by
-`X-I2V-Delivery`.
+exponential backoff (`webhook_backoff_s`, default 1 s, then 2 s, 4 s, ... at most `MAX_BACKOFF_S`)
+until `webhook_retry_s` has passed since the job ended; any other answer (4xx, a redirect) or an
+egress refusal gives up at once. Pending deliveries live in the job store (table
+`webhook_deliveries`), so a farm restart does not lose them; each job records its deliveries
+(`deliveries`: event, attempts, state, last_status, last_error, delivered_at). Delivery is at least
+once: a receiver deduplicates by `X-I2V-Delivery`.
 
 The URL obeys the farm's egress rules (`serving.egress`) at submission and again at every attempt
 (DNS may have changed). Deliveries run in the job manager's replica, in an asyncio task with its
@@ -227,9 +227,10 @@ def secrets_path(settings: Any) -> Path:
 # --- delivery ----------------------------------------------------------------------------------
 
 
-def backoff_s(attempts: int) -> float:
-    """Seconds before the next try after `attempts` failed ones: 1, 2, 4, ... at most MAX_BACKOFF_S."""
-    return min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** max(0, attempts - 1))
+def backoff_s(attempts: int, first: float = FIRST_BACKOFF_S) -> float:
+    """Seconds before the next try after `attempts` failed ones: `first` (the `webhook_backoff_s`
+    setting; default 1), then doubling (2, 4, ...), at most MAX_BACKOFF_S."""
+    return min(MAX_BACKOFF_S, first * 2 ** max(0, attempts - 1))
 
 
 def _iso(t: float) -> str:
@@ -376,7 +377,7 @@ class WebhookDispatcher:
             self.store.update_delivery(row["id"], state="delivered", attempts=attempts, last_status=result.status,
                                        last_error=None, delivered_at=entry["delivered_at"])
         else:
-            delay = backoff_s(attempts)
+            delay = backoff_s(attempts, float(self.settings.webhook_backoff_s))
             expired = now + delay - row["created_at"] > float(self.settings.webhook_retry_s)
             if result.outcome == "retry" and not expired:
                 entry.update(state="pending", next_attempt_at=_iso(now + delay))

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster.simulated import free_port
 from tests.helpers import ffprobe, make_image
 
 CLI = [sys.executable, "-m", "serving.cli"]
@@ -63,18 +62,7 @@ class Proc:
         return self.p.returncode
 
 
-@pytest.fixture(scope="module")
-def farm_up(tmp_path_factory):
-    """`i2v-farm up` with the embedded defaults (tiny-random, ./outputs) and Ray's dashboard, on a
-    free port. One farm for the module: the last test stops it with Ctrl-C."""
-    cwd = tmp_path_factory.mktemp("farm-up")
-    port = free_port()
-    proc = Proc(["up", "--port", str(port), "--dashboard"], cwd)
-    try:
-        proc.wait_for("ready at", timeout=240)
-        yield proc, f"http://127.0.0.1:{port}", cwd, port
-    finally:
-        proc.stop()
+# `farm_up`: the package's one `i2v-farm up` (tests/e2e/conftest.py), shared with test_web.py.
 
 
 def test_up_serves_jobs_over_http_and_writes_an_mp4(farm_up, tmp_path):
@@ -173,7 +161,8 @@ def test_up_plans_simulated_nodes_and_refuses_a_bad_spec():
 
 
 def test_ctrl_c_stops_the_farm(farm_up, tmp_path):
-    """The module's last test: Ctrl-C stops the farm the others used."""
+    """The package's last test (tests/e2e/conftest.py moves it there): Ctrl-C stops the farm the
+    others used, here and in test_web.py."""
     proc, url, cwd, _ = farm_up
     assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
     _ray_cli_works_as_up_says(proc, cwd, tmp_path)

@@ -1,5 +1,6 @@
 """The web page as a person uses it: real headless Chromium (Debian's `/usr/bin/chromium`, driven
-by Playwright; no browser download) against `i2v-farm up` started as a process (tiny-random).
+by Playwright; no browser download) against `i2v-farm up` started as a process (tiny-random; the
+one the package's tests share, tests/e2e/conftest.py).
 
 Upload an image, pick a preset, generate, watch the video play with the right duration, watch a
 long job's clip form in the live preview (and turn previews off for the next), cancel a running
@@ -16,8 +17,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster.simulated import free_port
-from tests.e2e.test_farm_up import Proc
 from tests.helpers import ffprobe, make_image
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -27,15 +26,9 @@ VIDEO_PLAYING = """() => { const v = document.getElementById('video');
 
 
 @pytest.fixture(scope="module")
-def farm(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("farm-web")
-    port = free_port()
-    proc = Proc(["up", "--port", str(port)], cwd)
-    try:
-        proc.wait_for("ready at", timeout=240)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop()
+def farm(farm_up):
+    """The URL of the package's `i2v-farm up` (tests/e2e/conftest.py), shared with test_farm_up.py."""
+    return farm_up[1]
 
 
 
