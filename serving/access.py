@@ -8,8 +8,8 @@ limits, proxy and origin rules, security headers); this module applies them to r
   still holds (an event stream asks before each event), `stream_key` says whose event streams
   are counted together; `check_rate` refuses submissions over the token's rate (429);
   `login`/`logout` answer `POST /v1/login` and `/v1/logout`.
-- `access_middleware`: on every request, the proxy and cross-origin refusals (403), the token
-  check (401 outside `PUBLIC_PATHS`), `request.state.caller`, and the security headers.
+- `AccessMiddleware`: on every request, the proxy and cross-origin refusals (403), the token
+  check (401 outside `PUBLIC_PATHS`; `admit`), `request.state.caller`, and the security headers.
 - `caller_of(request)`: the caller the middleware found (the anonymous admin when access control
   is off); `caller_info`: what `GET /v1/me` answers about it; `check_priority`: 403
   `priority_not_allowed` above the token's `max_priority`.
@@ -25,6 +25,8 @@ from urllib.parse import parse_qs
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.errors import I2VError
 
@@ -192,23 +194,46 @@ def refuse(request: Request, status: int, code: str, message: str, **headers: st
                         headers=headers or None)
 
 
-async def access_middleware(request: Request, call_next):
-    """The HTTP middleware of the ingress (`app.middleware("http")`): the app's `state.guard`
-    (none: every caller is the anonymous admin, as in tests of the bare app) decides, and every
-    answer gets the security headers (the API page's own set under /docs)."""
-    guard: Guard | None = getattr(request.app.state, "guard", None)
-    if guard is None:
-        request.state.caller = ANONYMOUS
-        return await call_next(request)
-    response = await guarded(guard, request, call_next)
-    path = request.url.path
-    headers = guard.docs_headers if path == "/docs" or path.startswith("/docs/") else guard.headers
-    for name, value in headers.items():
-        response.headers.setdefault(name, value)
-    return response
+class AccessMiddleware:
+    """The HTTP middleware of the ingress (`app.add_middleware(AccessMiddleware)`): the app's
+    `state.guard` (none: every caller is the anonymous admin, as in tests of the bare app) decides
+    (`admit`), and every answer gets the security headers (the API page's own set under /docs).
+
+    A plain ASGI middleware: Starlette's `BaseHTTPMiddleware` (`app.middleware("http")`) runs each
+    request's app in a task group with memory streams for its body and answer: 13 % of the
+    ingress's Python time under `bench.control_plane` (docs/benchmarks.md)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        guard: Guard | None = getattr(request.app.state, "guard", None)
+        if guard is None:
+            request.state.caller = ANONYMOUS
+            await self.app(scope, receive, send)
+            return
+        refusal = admit(guard, request)
+        path = request.url.path
+        headers = guard.docs_headers if path == "/docs" or path.startswith("/docs/") else guard.headers
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                sent = MutableHeaders(scope=message)
+                for name, value in headers.items():
+                    sent.setdefault(name, value)
+            await send(message)
+
+        await (self.app if refusal is None else refusal)(scope, receive, send_with_headers)
 
 
-async def guarded(guard: Guard, request: Request, call_next):
+def admit(guard: Guard, request: Request) -> JSONResponse | None:
+    """Whether a request may come in: None (it may; `request.state.caller` is its caller), or the
+    refusal to answer (403 through a proxy with access control off or from another origin, 401
+    without a valid token outside `PUBLIC_PATHS`)."""
     headers = request.headers
     client_host = request.client.host if request.client else None
     request.state.client_ip = client_address(client_host, headers, guard.trusted)
@@ -231,7 +256,7 @@ async def guarded(guard: Guard, request: Request, call_next):
                       "X-Forwarded-Host/-Proto and list the proxy in `trusted_proxies`)")
     if not guard.enabled:
         request.state.caller = ANONYMOUS
-        return await call_next(request)
+        return None
     caller, cred = guard.authenticate(request)
     if (cred is not None and cred.kind == "session" and headers.get("sec-fetch-site") in ("cross-site", "same-site")
             and headers.get("sec-fetch-mode") != "navigate"):
@@ -243,7 +268,7 @@ async def guarded(guard: Guard, request: Request, call_next):
                       **{"WWW-Authenticate": "Bearer"})
     request.state.caller = caller
     request.state.credential = cred if caller else None
-    return await call_next(request)
+    return None
 
 
 def caller_of(request: Request) -> Caller:

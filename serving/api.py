@@ -51,7 +51,7 @@ from pipeline.images import load_image
 from pipeline.preview import frame_count as preview_frame_count
 from pipeline.request import parse_params
 
-from .access import Guard, access_middleware, caller_info, caller_of, check_priority
+from .access import AccessMiddleware, Guard, caller_info, caller_of, check_priority
 from .backends import SIM
 from .bodies import image_format, json_body, read_body, read_submission
 from .config import FarmSettings
@@ -96,7 +96,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(exc.status_code, code, str(exc.detail))
 
 
-app.middleware("http")(access_middleware)  # serving.access: who calls, and whether they may
+app.add_middleware(AccessMiddleware)  # serving.access: who calls, and whether they may
 
 
 @app.exception_handler(RequestValidationError)

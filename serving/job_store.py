@@ -230,9 +230,12 @@ class JobStore:
         return [json.loads(r[0]) for r in rows]
 
     def count_active(self, owner: str) -> int:
-        """Queued and running jobs of one owner."""
+        """Queued and running jobs of one owner. Deferred changes are flushed first only when one
+        leaves the active statuses (never, as the manager defers: a start is queued -> running, an
+        end is written at once): a submission's count then costs no commit."""
         with self._lock:
-            self._flush_locked()
+            if any(f.get("status", JobStatus.RUNNING.value) not in ACTIVE for f in self._pending.values()):
+                self._flush_locked()
             row = self._db.execute(
                 f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN ({','.join('?' * len(ACTIVE))})",
                 (owner, *sorted(ACTIVE)),

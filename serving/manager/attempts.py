@@ -49,6 +49,7 @@ class Running:
     progress_saved_at: float = 0.0
     started: float = field(default_factory=time.monotonic)  # when it was dispatched (estimates of time left)
     steps_counted: int = 0  # denoising steps of this attempt counted in the metrics
+    record: JobRecord | None = None  # the job's record as this attempt started it
     preview: dict[str, Any] | None = None  # the latest live preview (memory only; gone with the job)
 
 
@@ -83,7 +84,7 @@ class Attempts:
                            spilled=vram_class != job.home, node=None, estimate=estimate,
                            progress={"step": 0, "total": None})
             m._defer(job.id, **started)  # checked; written with the tick's other changes (one commit)
-            rec = rec.model_copy(update=started)
+            rec = run.record = rec.model_copy(update=started)
             m.metrics.job_started(job.id, job.home, rec.created_at)
             run.task = asyncio.get_running_loop().create_task(self.execute(run, rec))
 
@@ -178,7 +179,7 @@ class Attempts:
         """Rendered: the job succeeds, or, when storage was unreachable, waits for its worker's
         uploader (`running`, detail `uploading`; `JobManager.upload_finished`)."""
         job = run.job
-        rec = JobRecord.parse(self.m.store.get(job.id))
+        rec = run.record or JobRecord.parse(self.m.store.get(job.id))  # its params: no read of the store
         if done.uploaded:
             self.succeed(job.id, rec, done, job.attempts + 1)
             return
@@ -195,7 +196,7 @@ class Attempts:
             timings=done.timings, peak_vram_bytes=done.peak_vram_bytes, device=done.device,
             attempts=attempts, progress={"step": steps, "total": steps},
         )
-        m.metrics.job_finished(m.store.get(job_id))
+        m.metrics.job_finished(rec.to_dict())
         m._ended(rec)
         m._inbox_path(job_id).unlink(missing_ok=True)
 
@@ -219,6 +220,6 @@ class Attempts:
             assert isinstance(decision, Fail)
             rec = m._update(job.id, status=JobStatus.FAILED, finished_at=now(), attempts=job.attempts,
                             failures=history, error={"code": decision.code, "message": decision.message})
-            m.metrics.job_finished(m.store.get(job.id))
+            m.metrics.job_finished(rec.to_dict())
             m._ended(rec)
             m._inbox_path(job.id).unlink(missing_ok=True)

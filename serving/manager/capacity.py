@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -30,17 +31,36 @@ async def read_replicas(classes: ClassSet, replicas: dict[str, dict[str, int]]) 
     `replicas` (left as they were when the farm's application is not found); returns the free GPUs
     of each class resource (Ray's available resources)."""
     import ray
-    from ray import serve
 
-    status = await asyncio.to_thread(serve.status)
-    app = next((a for a in status.applications.values()
-                if any(c.deployment in a.deployments for c in classes)), None)
-    if app is not None:
+    states = replica_states(await asyncio.to_thread(_serve_details), [c.deployment for c in classes])
+    if states is not None:
         for c in classes:
-            dep = app.deployments.get(c.deployment)
-            replicas[c.name] = {str(k.value if hasattr(k, "value") else k): v
-                                for k, v in (dep.replica_states.items() if dep else [])}
+            replicas[c.name] = states[c.deployment]
     return {c.resource: ray.available_resources().get(c.resource, 0.0) for c in classes}
+
+
+def _serve_details() -> dict[str, Any]:
+    """What `serve.status()` reads from Serve's controller (the instance's details), as the plain
+    dict the controller sends. `serve.status()` builds Serve's pydantic models of it first, which
+    pickles each deployment's request-router class again (most of a status read's CPU in this
+    replica: 66 ms of CPU per read against 2 ms for this dict, measured on a 3-worker farm)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return client.get_serve_details() if client is not None else {}
+
+
+def replica_states(details: dict[str, Any], deployments: list[str]) -> dict[str, dict[str, int]] | None:
+    """Replica states (state -> count) of each of `deployments` (a deployment not there: {}) in
+    the first application of Serve's instance details (`_serve_details`) that has any of them;
+    None when none has (the farm's application is not deployed)."""
+    for app in (details.get("applications") or {}).values():
+        found = app.get("deployments") or {}
+        if any(d in found for d in deployments):
+            return {d: dict(Counter(str(getattr(r["state"], "value", r["state"]))
+                                    for r in (found.get(d) or {}).get("replicas") or ()))
+                    for d in deployments}
+    return None
 
 
 def running_replicas(replicas: dict[str, dict[str, int]]) -> dict[str, int]:

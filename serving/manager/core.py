@@ -11,12 +11,13 @@ import itertools
 import logging
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from monitoring.metrics import FarmMetrics
 from pipeline.errors import I2VError
-from pipeline.request import parse_params
+from pipeline.request import GenerationParams, parse_params
 
 from ..backends import SIM
 from ..config import FarmSettings
@@ -96,9 +97,10 @@ class JobManager:
         try:
             fields = await self.lora.resolve(fields)
             idem = f"{owner}:{idempotency_key}" if idempotency_key else None
-            key = reuse_key(parse_params(fields).model_dump(), image, self.settings.model, self.settings.dtype)
+            params = parse_params(fields)  # once: the reuse key, a reused job and a new one are made from it
+            key = reuse_key(params.model_dump(), image, self.settings.model, self.settings.dtype)
             if key is not None and reuse and not (idem and self.store.find_by_key(idem)):
-                reused = await self._reuse(fields, key, owner, admin, idem, webhook)
+                reused = await self._reuse(params, key, owner, admin, idem, webhook)
                 if reused is not None:
                     return reused
             # The input is made durable (a file and its directory fsync'ed) in a thread, before
@@ -109,7 +111,7 @@ class JobManager:
             reply = None
             try:
                 reply = self._submit(fields, image, image_format, width, height, idem, owner, max_active,
-                                     extra={"reuse_key": key, "webhook": webhook}, job_id=job_id)
+                                     extra={"reuse_key": key, "webhook": webhook}, job_id=job_id, params=params)
             finally:
                 if not (reply or {}).get("created"):  # refused, or an earlier job answered
                     self._inbox_path(job_id).unlink(missing_ok=True)
@@ -119,13 +121,14 @@ class JobManager:
             return _error_reply(exc)
 
     def _submit(self, fields, image, image_format, width, height, idempotency_key, owner, max_active, extra=None,
-                job_id=None):
-        """`job_id`: its input is in the inbox already (`submit` wrote it off the event loop)."""
+                job_id=None, params: GenerationParams | None = None):
+        """`job_id`: its input is in the inbox already (`submit` wrote it off the event loop);
+        `params`: `fields` parsed already (`parse_params`)."""
         if idempotency_key:
             existing = self.store.find_by_key(idempotency_key)
             if existing is not None:  # a retried request: the job made the first time
                 return {"job": self._view(JobRecord.parse(existing)), "created": False}
-        params = parse_params(fields).with_seed()
+        params = (params or parse_params(fields)).with_seed()
         if max_active is not None and self.store.count_active(owner) >= max_active:
             raise I2VError(f"{owner!r} already has {max_active} queued or running jobs (the token's limit); "
                             "wait for some to finish", code="too_many_active_jobs", http_status=429,
@@ -164,8 +167,8 @@ class JobManager:
         scheduler and the inbox then forget this one."""
         job_id, (width, height, out_w, out_h) = queued.id, sizes
         try:
-            created_at = records.now()
-            prefix = job_prefix(job_id, created_at)
+            at = datetime.now(timezone.utc)
+            created_at, prefix = at.isoformat(), job_prefix(job_id, at)
             input_name = INPUT_NAMES[image_format]
             if unsaved is not None:
                 atomic_write(self._inbox_path(job_id), unsaved, self.settings.file_mode_bits)
@@ -182,7 +185,8 @@ class JobManager:
         if not created:  # same Idempotency-Key (a concurrent retry): the job made the first time
             self.scheduler.remove(job_id)
             self._inbox_path(job_id).unlink(missing_ok=True)
-        return JobRecord.parse(row), created
+            return JobRecord.parse(row), False
+        return rec.model_copy(update={"seq": row["seq"]}), True  # what was stored: `rec` and its `seq`
 
     def _inbox_path(self, job_id: str) -> Path:
         return self.inbox / job_id
@@ -331,14 +335,14 @@ class JobManager:
         row = self.store.get(job_id)
         return _links(self._view(JobRecord.parse(row))) if row else None
 
-    async def _reuse(self, fields: dict[str, Any], key: str, owner: str, admin: bool, idempotency_key: str | None,
+    async def _reuse(self, params: GenerationParams, key: str, owner: str, admin: bool, idempotency_key: str | None,
                      webhook: dict[str, Any] | None) -> dict[str, Any] | None:
         """A new job, succeeded at once, with the result of an earlier identical one (None: none to reuse)."""
         source = await self.reuse.source(key, None if admin else owner)
         if source is None:
             return None
         saved = saved_seconds(source)
-        rec = records.reused_job(uuid.uuid4().hex, source, parse_params(fields), key, owner, saved, webhook)
+        rec = records.reused_job(uuid.uuid4().hex, source, params, key, owner, saved, webhook)
         row, created = self.store.create(rec.to_dict(), idempotency_key=idempotency_key)
         rec = JobRecord.parse(row)
         if created:

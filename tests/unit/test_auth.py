@@ -214,12 +214,12 @@ def _guarded_app(tmp_path, **settings):
     from fastapi import FastAPI
 
     from pipeline.errors import I2VError
-    from serving.access import Guard, access_middleware, caller_of
+    from serving.access import AccessMiddleware, Guard, caller_of
     from serving.api import _i2v_error
     from serving.config import FarmSettings
 
     app = FastAPI()
-    app.middleware("http")(access_middleware)
+    app.add_middleware(AccessMiddleware)
     app.exception_handler(I2VError)(_i2v_error)
     guard = Guard(FarmSettings(tokens_file=str(tmp_path / "tokens.json"), **settings))
     app.state.guard = guard
@@ -292,6 +292,29 @@ def test_guard_lets_tokens_in_keeps_others_out_and_sets_the_security_headers(tmp
     assert (status, body["error"]["code"]) == (403, "cross_origin")
     assert _call(app, "POST", "/v1/jobs", {"authorization": "Bearer " + token,
                                            "origin": "http://127.0.0.1:8000"})[2] == {"caller": "alice"}
+
+
+def test_the_security_headers_are_added_to_streamed_answers_and_never_replace_a_routes_own(tmp_path):
+    from fastapi.responses import Response, StreamingResponse
+
+    app, _ = _guarded_app(tmp_path, auth="off")
+
+    @app.get("/v1/own")
+    async def own():
+        return Response(b"{}", media_type="application/json", headers={"X-Frame-Options": "SAMEORIGIN"})
+
+    @app.get("/v1/stream")
+    async def stream():
+        async def chunks():
+            yield b'{"a": '
+            yield b"1}"
+        return StreamingResponse(chunks(), media_type="application/json")
+
+    status, headers, _ = _call(app, "GET", "/v1/own")
+    assert status == 200 and headers["x-frame-options"] == ["SAMEORIGIN"]  # the route's own, once
+    assert headers["x-content-type-options"] == ["nosniff"]
+    status, headers, body = _call(app, "GET", "/v1/stream")
+    assert (status, body) == (200, {"a": 1}) and headers["x-frame-options"] == ["DENY"]
 
 
 def test_login_makes_a_session_cookie_that_logout_and_revocation_end(tmp_path):

@@ -256,3 +256,45 @@ def test_a_worker_streams_the_first_and_last_step_of_a_fast_job():
 
     assert events_of(0.25) == [("started", None), ("progress", 1), ("progress", 30), ("done", None)]
     assert events_of(0) == [("started", None), *[("progress", s) for s in range(1, 31)], ("done", None)]
+
+
+def test_a_count_of_active_jobs_commits_nothing_when_the_deferred_changes_keep_them_active(store):
+    """A start (queued -> running) leaves a caller's active count as it was: counting at a
+    submission writes no deferred change; one that ends a job is written first."""
+    for i in range(3):
+        store.create(record(f"j{i}"))
+    counting = store._db = CountingDb(store._db)
+    store.defer("j0", status="running", node="n0")
+    store.defer("j1", progress={"step": 1, "total": 4})
+    assert store.count_active("a") == 3 and counting.commits == 0
+    assert on_disk(store.path, "j0") == "queued"  # still deferred
+    store.defer("j2", status="succeeded")
+    assert store.count_active("a") == 2 and counting.commits == 1
+    assert on_disk(store.path, "j0") == "running" and on_disk(store.path, "j2") == "succeeded"
+
+
+# --- Serve's replica states, read without `serve.status()` ------------------------------------------
+
+
+class _State:
+    """An enum member, as Serve's details may carry a replica's state."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+
+def test_replica_states_are_counted_from_serves_instance_details():
+    from serving.manager.capacity import replica_states
+
+    other = {"deployments": {"Model": {"replicas": [{"state": "RUNNING"}]}}}
+    farm = {"deployments": {
+        "Worker_12gb": {"replicas": [{"state": "RUNNING"}, {"state": _State("RUNNING")}, {"state": "STARTING"}]},
+        "Worker_24gb": {"replicas": []},
+        "JobManager": {"replicas": [{"state": "RUNNING"}]},
+    }}
+    details = {"applications": {"other": other, "i2v-farm": farm}}
+    deployments = ["Worker_12gb", "Worker_24gb", "Worker_80gb"]
+    assert replica_states(details, deployments) == {
+        "Worker_12gb": {"RUNNING": 2, "STARTING": 1}, "Worker_24gb": {}, "Worker_80gb": {}}
+    assert replica_states({"applications": {"other": other}}, deployments) is None  # the farm is not deployed
+    assert replica_states({}, deployments) is None  # Serve is not running
