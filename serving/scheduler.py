@@ -640,6 +640,21 @@ class Scheduler:
         recs = [rec for q in self._queues.values() for rec in q.jobs.values()]
         return [job for _, job in sorted(recs, key=lambda rec: rec[0])]
 
+    def position(self, job_id: str) -> int | None:
+        """A queued job's place in its class queue's dispatch order (1 = next; None: not queued):
+        `queued(its class)`'s index + 1, counted without building the list."""
+        home = self._home_of.get(job_id)
+        if home is None:
+            return None
+        at = 0
+        for entries, live in self._queues[home].plan_levels():
+            for e in entries:
+                if e[2] in live:
+                    at += 1
+                    if e[2][2] == job_id:
+                        return at
+        raise AssertionError(f"queued job {job_id!r} is missing from its queue's order")
+
     def backlog(self) -> dict[str, int]:
         """Queued jobs per home class (every class, 0 included)."""
         return {name: len(q) for name, q in self._queues.items()}

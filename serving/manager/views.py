@@ -38,8 +38,4 @@ def queue_positions(scheduler: Scheduler, classes: ClassSet) -> dict[str, int]:
 
 def queue_position(scheduler: Scheduler, classes: ClassSet, job_id: str) -> int | None:
     """One queued job's position in its class queue (None: not queued)."""
-    for c in classes.names:
-        for i, job in enumerate(scheduler.queued(c)):
-            if job.id == job_id:
-                return i + 1
-    return None
+    return scheduler.position(job_id)

@@ -874,4 +874,6 @@ def test_the_kept_queue_order_is_the_order_computed_afresh(seed, weighted):
                 assert kept == level.order()
     for name in TWO.names:
         want = [j.id for j in s.queued(name)]
+        assert [s.position(jid) for jid in want] == list(range(1, len(want) + 1))
         assert [s._pop(name).id for _ in want] == want
+    assert s.position("j1") is None
