@@ -112,6 +112,8 @@ class Attempts:
                 outcome = self.on_event(run, event, started)
                 if outcome is not None:
                     kind, message = outcome, event.get("message", "")
+                    if event.get("event") == "canceled":
+                        message = "the worker stopped the job without a cancel request"
             if kind is None and not run.cancel_requested:  # the stream ended without a final event
                 kind, message = FailureKind.WORKER_DIED, "the worker's stream ended before the job finished"
         except _InputMissing:
@@ -134,8 +136,9 @@ class Attempts:
         self.on_failure(run, FailureKind(kind), message)
 
     def on_event(self, run: Running, event: dict[str, Any], started: float) -> str | None:
-        """Apply one worker event; returns a failure kind (`FailureKind.OOM`, `.ERROR`) or
-        "done"/"canceled"/None. A malformed event raises `WorkerEventError`."""
+        """Apply one worker event; returns a failure kind (`FailureKind.OOM`, `.ERROR`; a `canceled`
+        event nobody asked for: `.WORKER_DIED`, so the job runs again) or "done"/None. A malformed
+        event raises `WorkerEventError`."""
         m, job = self.m, run.job
         ev = parse_worker_event(event)
         steps = 1
@@ -162,8 +165,8 @@ class Attempts:
             run_s = round(time.monotonic() - started, 3)
             self.on_done(run, ev.model_copy(update={"timings": {**ev.timings, "run": run_s}}))
             return "done"
-        elif isinstance(ev, CanceledEvent):
-            return "canceled"
+        elif isinstance(ev, CanceledEvent):  # nobody asked (a requested cancel returned above)
+            return FailureKind.WORKER_DIED  # the worker gave the job up: run it again
         else:  # an ErrorEvent
             return ev.kind
         return None

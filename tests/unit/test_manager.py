@@ -414,6 +414,23 @@ async def test_a_worker_that_dies_mid_job_is_retried_on_the_same_class(tmp_path)
 
 
 @run_async
+async def test_a_canceled_event_nobody_asked_for_runs_the_job_again(tmp_path):
+    farm = Farm(tmp_path, replicas={"12gb": 1, "24gb": 0})
+    job = await farm.submit()
+    await farm.tick()
+    await farm.end(job["id"], started(node="node-1"), progress(1), {"event": "canceled"})
+
+    rec = farm.record(job["id"])  # not left `running` until a restart
+    assert rec["status"] == "queued" and rec["attempts"] == 1
+    assert rec["failures"] == [{"code": "worker_died", "vram_class": "12gb", "node": "node-1",
+                                "message": "the worker stopped the job without a cancel request"}]
+    assert await farm.tick() == [(job["id"], "12gb")]
+    await farm.end(job["id"], started(node="node-2"), progress(4), done())
+    assert farm.status(job["id"]) == "succeeded"
+    await farm.close()
+
+
+@run_async
 async def test_a_job_that_keeps_killing_its_worker_fails_after_max_attempts(tmp_path):
     farm = Farm(tmp_path, replicas={"12gb": 1, "24gb": 0}, max_attempts=3)
     job = await farm.submit()
