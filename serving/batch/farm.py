@@ -6,6 +6,8 @@ Design: docs/design/batch.md ("The HTTP API, not Serve handles", "Transient erro
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import threading
 import time
 from typing import Any, Callable
@@ -108,11 +110,22 @@ def _job_error(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _retry_after(headers: dict[str, str]) -> float:
-    value = headers.get("Retry-After") or headers.get("retry-after") or "5"
+    """Seconds to wait before retrying a `429`: its `Retry-After`, in seconds (the farm's) or as an
+    HTTP date (a proxy's), kept within 1-60 s; 5 s when absent or unreadable."""
+    value = (headers.get("Retry-After") or headers.get("retry-after") or "5").strip()
     try:
-        return min(60.0, max(1.0, float(value)))
+        seconds = float(value)
     except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return 5.0
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    if seconds != seconds:  # NaN
         return 5.0
+    return min(60.0, max(1.0, seconds))
 
 
 def _message(payload: Any, status: int) -> str:

@@ -662,3 +662,16 @@ def test_the_batch_reads_egress_allow_from_its_environment():
     with pytest.raises(batch.EgressRefused):
         policy.check_address("127.0.0.2", "127.0.0.2")
     assert batch.batch_settings({}).egress_allow == []
+
+
+def test_retry_after_in_seconds_or_as_an_http_date():
+    import datetime
+    import email.utils
+
+    from serving.batch.farm import _retry_after
+
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=30)
+    assert 25 <= _retry_after({"Retry-After": email.utils.format_datetime(soon, usegmt=True)}) <= 31
+    assert _retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 1.0  # past: at once (1 s)
+    assert _retry_after({"Retry-After": "12"}) == 12.0 and _retry_after({"Retry-After": "999"}) == 60.0
+    assert _retry_after({"Retry-After": "soon"}) == _retry_after({}) == _retry_after({"Retry-After": "nan"}) == 5.0
