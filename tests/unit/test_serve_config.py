@@ -40,6 +40,9 @@ def test_serve_config_builds_one_pinned_worker_deployment_per_class(tmp_path, mo
     assert ingress.name == "FarmApi"
     manager = ingress.init_args[0]._bound_deployment
     assert manager.name == "JobManager" and manager.ray_actor_options["resources"] == {"i2v_head": 0.01}
+    # the ingress logs each request; the manager's line per handle call would only repeat it
+    assert manager._deployment_config.logging_config["enable_access_log"] is False
+    assert (ingress._deployment_config.logging_config or {}).get("enable_access_log", True)
     workers = manager.init_args[1]
     assert sorted(workers) == ["12gb", "24gb", "40gb", "80gb"]
     for name, bound in workers.items():
