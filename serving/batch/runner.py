@@ -298,6 +298,9 @@ def run_batch(manifest: str | os.PathLike, *, client: Any, storage: Any, root: P
                 rows.append(row)
                 if stop.is_set():
                     pool.shutdown(wait=False, cancel_futures=True)
+                    print(f"batch stopped while checking rows ({len(rows)} of {len(mrows)} checked): nothing was "
+                          f"submitted; the summary at {storage.url}/{prefix} is as the last run left it",
+                          file=out, flush=True)
                     return 128 + getattr(stop, "signum", signal.SIGTERM)
         assign_ids(rows)
 

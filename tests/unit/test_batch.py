@@ -675,3 +675,14 @@ def test_retry_after_in_seconds_or_as_an_http_date():
     assert _retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 1.0  # past: at once (1 s)
     assert _retry_after({"Retry-After": "12"}) == 12.0 and _retry_after({"Retry-After": "999"}) == 60.0
     assert _retry_after({"Retry-After": "soon"}) == _retry_after({}) == _retry_after({"Retry-After": "nan"}) == 5.0
+
+
+def test_a_stop_while_rows_are_checked_submits_nothing_and_says_so(workdir, farm, storage):
+    manifest = _manifest(workdir, VALID)
+    stop = threading.Event()
+    stop.set()  # as a SIGTERM that lands while the rows are being checked
+    out = io.StringIO()
+    code = run_batch(manifest, client=farm, storage=storage, root=workdir, out=out, stop=stop)
+    assert code == 143 and farm.created == 0
+    assert "stopped while checking rows" in out.getvalue() and "nothing was submitted" in out.getvalue()
+    assert not storage.exists("batches/m/summary.json")  # a previous run's summary would be left as it was
