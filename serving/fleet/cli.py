@@ -13,6 +13,7 @@ model. See docs/fleet.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -73,12 +74,33 @@ def _write_json(path: str | None, data: dict[str, Any]) -> None:
             raise InvalidRequest(f"cannot write {path}: {exc.strerror or exc}", field="json") from None
 
 
+@contextlib.contextmanager
+def _progress_bar(trace: traces.Trace):
+    """A progress bar on stderr (a terminal only) over the trace's hours, fed the virtual time
+    the simulation has reached; the drain after the last arrival shows as the last hour."""
+    from tqdm import tqdm
+
+    hours = max(trace.duration / 3600.0, 1e-9)
+    bar = tqdm(total=round(hours, 2), file=sys.stderr, disable=None, leave=False, desc="simulating",
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} h [{elapsed}<{remaining}]")
+
+    def on_progress(now: float) -> None:
+        bar.n = round(min(now / 3600.0, hours), 2)
+        bar.refresh()
+
+    try:
+        yield on_progress
+    finally:
+        bar.close()
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     class_set, config = _settings_config()
     fleet = parse_fleet(args.fleet, class_set)
     prices = parse_prices(args.prices, class_set)
     trace = traces.load(args.trace, seed=args.seed, hours=args.hours)
-    report = simulate(trace, fleet, config=config, class_set=class_set, prices=prices)
+    with _progress_bar(trace) as on_progress:
+        report = simulate(trace, fleet, config=config, class_set=class_set, prices=prices, progress=on_progress)
     print(simulation_table(report))
     _write_json(args.json, report)
     return 0

@@ -21,7 +21,7 @@ import heapq
 import inspect
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,12 +153,14 @@ def simulate(
     late_wait_s: float | None = None,
     max_late: int | None = None,
     record_jobs: bool = False,
+    progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Run `trace` on `fleet` (class -> GPUs) and return the report (docs/fleet.md lists the keys).
 
     `late_wait_s`/`max_late`: stop early (`aborted: true`) once more than `max_late` interactive
     jobs have waited longer than `late_wait_s` (the planner's shortcut for fleets that are too
     small). `record_jobs`: add `job_log`, one `[id, class, start, finish, status]` per job.
+    `progress`: called now and then with the virtual time reached (seconds), and once at the end.
     """
     started_wall = time.perf_counter()
     config = config or SimConfig()
@@ -172,7 +174,7 @@ def simulate(
     if missing:
         raise InvalidRequest(f"--prices has no price for {', '.join(missing)}", field="prices")
     run = _Run(trace, fleet, classes, config, late_wait_s, max_late)
-    end = run.run()
+    end = run.run(progress)
     return _report(run, prices, started_wall, end, record_jobs)
 
 
@@ -242,11 +244,15 @@ class _Run:
             out.append((vram, {k: v * scale for k, v in seconds.items()}, params.num_inference_steps))
         return out
 
-    def run(self) -> float:
-        """Simulate until every job has ended (or the planner's abort); return the last instant."""
+    def run(self, progress: Callable[[float], None] | None = None) -> float:
+        """Simulate until every job has ended (or the planner's abort); return the last instant.
+        `progress(now)` every 2,048 instants and at the end."""
         arr_t, n, running = self.trace.t, len(self.trace), self.running
-        now = 0.0
+        now, steps = 0.0, 0
         while self.next_arrival < n or running:
+            steps += 1
+            if progress is not None and not steps & 2047:
+                progress(now)
             now = arr_t[self.next_arrival] if self.next_arrival < n else math.inf
             if running and running[0][0] <= now:
                 now = running[0][0]
@@ -257,6 +263,8 @@ class _Run:
             if self.max_late is not None and self._count_late(now) > self.max_late:
                 self.aborted = True
                 break
+        if progress is not None:
+            progress(now)
         return now
 
     def _count_late(self, now: float) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -253,6 +254,53 @@ def test_cli_simulate_writes_json(tmp_path, capsys):
     rep = json.loads(out.read_text())
     assert rep["jobs"]["succeeded"] == 5 and rep["classes"]["24gb"]["gpus"] == 2
     assert {"p50", "p95", "p99"} <= set(rep["wait_s"]) and "normal" in rep["by_priority"]
+    assert "simulating" not in capsys.readouterr().err  # no progress bar off a terminal
+
+
+def test_a_simulation_reports_its_progress_in_virtual_time():
+    tr = traces.load("day", hours=1)
+    seen: list[float] = []
+    rep = simulate(tr, {"12gb": 300, "24gb": 500, "80gb": 200}, progress=seen.append)
+    assert len(seen) > 3 and seen == sorted(seen)  # now and then, never backwards
+    assert seen[-1] == pytest.approx(rep["makespan_s"], abs=1e-3)  # and once at the end
+
+
+def test_cli_simulate_shows_a_progress_bar_on_a_terminal(tmp_path):
+    """`i2v-farm simulate` in a terminal (a pseudo-terminal here) draws its bar on stderr."""
+    import fcntl
+    import os
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import threading
+
+    primary, secondary = os.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal's size
+    drawn = bytearray()
+
+    def read_terminal() -> None:  # as it is written, so the bar never fills the terminal's buffer
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # the other end closed: all read
+                return
+            if not chunk:
+                return
+            drawn.extend(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "simulate", "--fleet", "12gb:300,24gb:500,80gb:200",
+                             "--trace", "day", "--hours", "1"], stdout=subprocess.PIPE, stderr=secondary, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    os.close(secondary)
+    out, _ = proc.communicate(timeout=300)
+    reader.join(10)
+    os.close(primary)
+    assert proc.returncode == 0 and b"interactive" in out
+    assert b"simulating:" in drawn and re.search(rb" 0\.[1-9]/1\.0 h \[", drawn)  # on its way
+    assert b"100%" in drawn and b" 1.0/1.0 h [" in drawn  # and at the end
 
 
 def test_cli_errors_name_the_field(tmp_path, capsys):
