@@ -36,6 +36,7 @@ import base64
 import json
 import logging
 import re
+import time
 import weakref
 from typing import Any
 
@@ -138,6 +139,23 @@ def preview_event(job: dict[str, Any], preview: dict[str, Any]) -> dict[str, Any
             "url": f"/v1/jobs/{job['id']}/preview"}
 
 
+#: Seconds `GET /v1/cluster` keeps the worker reports and Ray's nodes it read (each page polls it).
+CLUSTER_DETAILS_S = 2.0
+
+
+def _read_cluster_details() -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    import ray
+
+    from .worker import farm_worker_reports
+
+    prefix = "vram_"
+    nodes = [{"id": n["NodeID"], "alive": n["Alive"], "address": n["NodeManagerAddress"],
+              "gpus": n["Resources"].get("GPU", 0),
+              "vram_classes": sorted(k[len(prefix):] for k in n["Resources"] if k.startswith(prefix))}
+             for n in ray.nodes()]
+    return farm_worker_reports(), nodes
+
+
 @serve.ingress(app)
 class FarmApi:
     """The ingress deployment: validate, forward to the job manager, shape responses."""
@@ -150,6 +168,8 @@ class FarmApi:
         self.guard = Guard(self.settings)
         app.state.guard = self.guard
         self.egress = EgressPolicy.from_settings(self.settings)  # webhook URLs (issue 18)
+        self._details: tuple[float, tuple, Any] = (0.0, (), None)  # `_cluster_details`, cached
+        self._details_lock = asyncio.Lock()
 
     @app.post("/v1/jobs", status_code=202, response_model=Job, responses=ERROR_RESPONSES,
               openapi_extra={"requestBody": {"content": {
@@ -328,20 +348,25 @@ class FarmApi:
     @app.get("/v1/cluster", response_model=ClusterStatus)
     async def cluster(self):
         """VRAM classes with their replicas, busy workers and queues; the Ray nodes."""
-        import ray
-
-        info = await self.manager.cluster.remote()
         from .worker import attach_worker_reports  # per class: its replicas' threads, CUDA allocator
 
-        await asyncio.to_thread(attach_worker_reports, info)
-        prefix = "vram_"
-        info["nodes"] = [
-            {"id": n["NodeID"], "alive": n["Alive"], "address": n["NodeManagerAddress"],
-             "gpus": n["Resources"].get("GPU", 0),
-             "vram_classes": sorted(k[len(prefix):] for k in n["Resources"] if k.startswith(prefix))}
-            for n in await asyncio.to_thread(ray.nodes)
-        ]
-        return info
+        info = await self.manager.cluster.remote()
+        replicas = tuple((c.get("name"), json.dumps(c.get("replicas"), sort_keys=True))
+                         for c in info.get("classes", []))
+        reports, info["nodes"] = await self._cluster_details(replicas)
+        return attach_worker_reports(info, reports)
+
+    async def _cluster_details(self, replicas: tuple) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+        """The worker replicas' reports and Ray's nodes for `/v1/cluster`: reads of Ray's GCS that
+        grow with the fleet (every named actor, a report per replica, every node), so they are read
+        at most every `CLUSTER_DETAILS_S` however many pages poll, and again at once when the
+        classes' replica counts (`replicas`) change; the classes and queues are never cached."""
+        async with self._details_lock:
+            at, seen, details = self._details
+            if details is None or seen != replicas or time.monotonic() - at >= CLUSTER_DETAILS_S:
+                details = await asyncio.to_thread(_read_cluster_details)
+                self._details = (time.monotonic(), replicas, details)
+            return details
 
     @app.get("/v1/adapters", responses=ERROR_RESPONSES)
     async def adapters(self):

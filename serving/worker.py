@@ -211,9 +211,9 @@ def worker_reports(app: str | None = None) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def attach_worker_reports(info: dict[str, Any]) -> dict[str, Any]:
-    """Add `workers` (the live replicas' reports) to each class of a `/v1/cluster` reply. Never
-    fails: without reports a class gets an empty list."""
+def farm_worker_reports() -> dict[str, list[dict[str, Any]]]:
+    """`worker_reports` of this replica's Serve application (outside a replica: every app's).
+    Never fails: {} when the reports cannot be read."""
     try:
         from ray import serve
 
@@ -221,10 +221,18 @@ def attach_worker_reports(info: dict[str, Any]) -> dict[str, Any]:
     except Exception:  # noqa: BLE001 - outside a replica: every app's workers
         app = None
     try:
-        reports = worker_reports(app)
+        return worker_reports(app)
     except Exception:  # noqa: BLE001 - the status page must not fail over a report
         log.warning("could not read the worker reports", exc_info=True)
-        reports = {}
+        return {}
+
+
+def attach_worker_reports(info: dict[str, Any], reports: dict[str, list[dict[str, Any]]] | None = None
+                          ) -> dict[str, Any]:
+    """Add `workers` (the live replicas' reports; default: read now, `farm_worker_reports`) to each
+    class of a `/v1/cluster` reply. Never fails: without reports a class gets an empty list."""
+    if reports is None:
+        reports = farm_worker_reports()
     for c in info.get("classes", []):
         c["workers"] = reports.get(c.get("deployment"), [])
     return info

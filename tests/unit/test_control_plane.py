@@ -298,3 +298,32 @@ def test_replica_states_are_counted_from_serves_instance_details():
         "Worker_12gb": {"RUNNING": 2, "STARTING": 1}, "Worker_24gb": {}, "Worker_80gb": {}}
     assert replica_states({"applications": {"other": other}}, deployments) is None  # the farm is not deployed
     assert replica_states({}, deployments) is None  # Serve is not running
+
+
+def test_cluster_details_are_read_from_rays_gcs_at_most_every_two_seconds_unless_replicas_change(monkeypatch):
+    """`GET /v1/cluster` (each open page polls it every 5 s) reads the worker reports and Ray's
+    nodes, GCS reads that grow with the fleet, once per `CLUSTER_DETAILS_S` whatever the number of
+    callers, and again at once when a class's replica counts change."""
+    import asyncio
+    import types
+
+    from serving import api
+
+    reads = []
+    method = api.FarmApi._cluster_details  # Serve's ingress copies the class: patch the globals it reads
+    monkeypatch.setitem(method.__globals__, "_read_cluster_details",
+                        lambda: reads.append(1) or ({"Worker_12gb": [len(reads)]}, []))
+    clock = [100.0]
+    monkeypatch.setattr(api.time, "monotonic", lambda: clock[0])
+    ingress = types.SimpleNamespace(_details=(0.0, (), None), _details_lock=asyncio.Lock())
+    details = lambda replicas: asyncio.run(method(ingress, replicas))  # noqa: E731
+
+    one = (("12gb", '{"running": 1}'),)
+    assert details(one)[0] == {"Worker_12gb": [1]}
+    ingress._details_lock = asyncio.Lock()  # a new event loop per asyncio.run
+    for _ in range(20):  # many pages at once
+        assert details(one)[0] == {"Worker_12gb": [1]}
+    assert len(reads) == 1
+    clock[0] += api.CLUSTER_DETAILS_S
+    assert details(one)[0] == {"Worker_12gb": [2]} and len(reads) == 2  # stale: read again
+    assert details((("12gb", '{"running": 2}'),))[0] == {"Worker_12gb": [3]}  # a replica came: at once
