@@ -22,6 +22,7 @@ from serving.job_store import JobStore
 from serving.reuse import gpu_seconds, pop_reuse, reuse_key
 from serving.webhooks import (
     EVENTS,
+    MAX_BACKOFF_S,
     SecretStore,
     WebhookDispatcher,
     backoff_s,
@@ -137,6 +138,16 @@ def test_secret_store_file_is_0600_and_token_secrets_fall_back_to_the_farm_secre
 def test_backoff_doubles_up_to_a_cap():
     assert [backoff_s(n) for n in (1, 2, 3, 4)] == [1, 2, 4, 8]
     assert backoff_s(30) == 300
+    assert [backoff_s(n, 0.25) for n in (1, 2, 3, 4)] == [0.25, 0.5, 1, 2]  # `webhook_backoff_s` first
+    assert backoff_s(40, 0.25) == MAX_BACKOFF_S
+
+
+def test_the_first_retry_delay_setting_defaults_to_one_second_and_must_be_positive():
+    assert load_settings({}, env={}).webhook_backoff_s == 1.0
+    assert load_settings({}, env={"I2V_WEBHOOK_BACKOFF_S": "0.5"}).webhook_backoff_s == 0.5
+    for bad in (0, -1, 301, "soon"):
+        with pytest.raises(ValueError, match="webhook_backoff_s"):
+            load_settings({"webhook_backoff_s": bad}, env={})
 
 
 # --- reuse key ----------------------------------------------------------------------------------
@@ -209,8 +220,12 @@ def _job_with_hook(store: JobStore, url: str, events=EVENTS, status="succeeded",
     return rec
 
 
-def test_delivery_retries_5xx_with_backoff_then_delivers_a_signed_job(tmp_path):
-    settings = _settings(tmp_path)
+@pytest.mark.parametrize("first, gap1, gap2", [
+    (None, (0.9, 3), (1.9, 5)),  # the default: 1 s, then 2 s (never sooner; later on a busy host)
+    (0.2, (0.19, 0.9), (0.39, 1.9)),  # `webhook_backoff_s`: 0.2 s, then 0.4 s, well before 1 s and 2 s
+])
+def test_delivery_retries_5xx_with_backoff_then_delivers_a_signed_job(tmp_path, first, gap1, gap2):
+    settings = _settings(tmp_path, **({} if first is None else {"webhook_backoff_s": first}))
     server, seen, url = webhook_receiver(lambda seen: 503 if len(seen) <= 2 else 200)
     store = JobStore(settings.job_db)
     outcomes: list[str] = []
@@ -232,7 +247,7 @@ def test_delivery_retries_5xx_with_backoff_then_delivers_a_signed_job(tmp_path):
         server.server_close()
     assert len(seen) == 3 and outcomes == ["retried", "retried", "delivered"]
     gaps = [b["at"] - a["at"] for a, b in zip(seen, seen[1:])]
-    assert 0.9 <= gaps[0] < 3 and 1.9 <= gaps[1] < 5, gaps  # 1 s, then 2 s (never sooner; later on a busy host)
+    assert gap1[0] <= gaps[0] < gap1[1] and gap2[0] <= gaps[1] < gap2[1], gaps
     secret = SecretStore(secrets_path(settings)).farm_secret()
     for hit in seen:
         assert verify(secret, hit["headers"], hit["body"]), hit["headers"]
