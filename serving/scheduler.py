@@ -355,13 +355,6 @@ class _ClassQueue:
     def caller(self, job: QueuedJob) -> str:
         return job.caller if self.fair else ""
 
-    def cost(self, job: QueuedJob) -> int:
-        """A job's estimated GPU-microseconds on this class (at least 1)."""
-        secs = job.seconds.get(self.name)
-        if secs is None:
-            secs = max(job.seconds.values(), default=0.0)
-        return max(1, round(float(secs) * _UNITS_PER_S))
-
     def quantum(self, caller: str) -> int:
         return max(1, round(QUANTUM_S * self.weights.get(caller, 1.0) * _UNITS_PER_S))
 
@@ -370,11 +363,12 @@ class _ClassQueue:
         secs = job.seconds
         slowest = max(secs.values(), default=0.0)  # a class without an estimate: the slowest known
         took = tuple(float(secs.get(c, slowest)) for c in self.names)  # its seconds on each class
+        cost = max(1, round(took[self.names.index(self.name)] * _UNITS_PER_S))  # GPU-microseconds here
         level = self.levels.get(entry[0])
         if level is None:
             level = self.levels[entry[0]] = _Level()
         caller = self.caller(job)
-        level.add(caller, entry[1:], self.cost(job), self.quantum(caller), (job, took))
+        level.add(caller, entry[1:], cost, self.quantum(caller), (job, took))
         self._order = None
 
     def discard(self, job_id: str, charge: bool = False) -> QueuedJob | None:
@@ -439,7 +433,7 @@ class _FinishPlan:
     idle slot, which their targets lack, or a busy slot no pending job may still reach).
 
     Classes are indices into the scheduler's names (smallest first); a job's seconds on each
-    class come precomputed with it (`_ClassQueue.plan_order`).
+    class come precomputed with it (`_ClassQueue.plan_levels`).
     """
 
     __slots__ = ("idle", "idle_left", "heaps", "pending", "reach", "started")
@@ -529,11 +523,11 @@ def _busy_seconds(name: str, times: Sequence[float]) -> list[float]:
     """`assign`'s busy seconds of one class, checked (numbers, not NaN); overdue ones count 0."""
     try:
         ok = not math.isnan(math.fsum(times))  # C speed; NaN also from inf - inf: look closer
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: huge (valid) values
         ok = False
     if not ok:
         for t in times:
-            if isinstance(t, str) or not (isinstance(t, (int, float)) and not math.isnan(t)):
+            if not (isinstance(t, (int, float)) and not math.isnan(t)):
                 raise ValueError(f"busy seconds for {name} must be numbers, got {t!r}")
     return [float(t) if t > 0 else 0.0 for t in times]  # overdue: about to finish
 

@@ -315,7 +315,7 @@ class JobManager:
         position = None
         if rec.status == JobStatus.QUEUED:
             position = (positions.get(rec.id) if positions is not None
-                        else views.queue_position(self.scheduler, self.classes, rec.id))
+                        else self.scheduler.position(rec.id))
         return views.job_view(rec, self.running.get(rec.id), position)
 
     # --- webhooks and result reuse (issue 18) ---------------------------------------------------

@@ -32,10 +32,5 @@ def job_view(rec: JobRecord, run: Running | None, queue_position: int | None) ->
 
 
 def queue_positions(scheduler: Scheduler, classes: ClassSet) -> dict[str, int]:
-    """Queue position of every queued job (one sort per class, for a whole page)."""
+    """Queue position of every queued job (one pass over each class's kept order, for a whole page)."""
     return {job.id: i + 1 for c in classes.names for i, job in enumerate(scheduler.queued(c))}
-
-
-def queue_position(scheduler: Scheduler, classes: ClassSet, job_id: str) -> int | None:
-    """One queued job's position in its class queue (None: not queued)."""
-    return scheduler.position(job_id)
